@@ -1,0 +1,263 @@
+"""The math of W ~ Q + L·R for one linear layer: pure functions, tensors in, tensors out.
+
+W is out×in, H = XᵀX/n (in×in) from the layer's calibration inputs. Errors are measured in the H-norm,
+‖D‖²_H = tr(D H Dᵀ) = ‖D Xᵀ‖²/n, the squared output error the layer would make on its calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lrdeploy.compressor import grids
+from lrdeploy.compressor.grids import Grid
+
+LR_FORMATS = ("f16", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """H and the two Cholesky factors every method needs; computed once per input group."""
+
+    H: Tensor  # damped, in×in
+    S: Tensor  # lower Cholesky of H: H = S Sᵀ (whitening)
+    U: Tensor  # upper Cholesky of H⁻¹ (LDLQ error feedback)
+
+
+def hessian_factor(H: Tensor, damp: float = 0.01) -> HessianFactor:
+    """Damp H by damp·mean(diag H) (dead inputs get a unit diagonal) and factor it."""
+    H = H.double().clone()
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    S = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(S)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return HessianFactor(H.float(), S.float(), U.float())
+
+
+def h_error(D: Tensor, H: Tensor) -> float:
+    """‖D‖²_H = tr(D H Dᵀ)."""
+    D = D.double()
+    return float(((D @ H.double()) * D).sum())
+
+
+def rel_error(W_hat: Tensor, W: Tensor, H: Tensor) -> float:
+    """Relative H-weighted error ‖Ŵ − W‖²_H / ‖W‖²_H (0 is exact)."""
+    denom = h_error(W, H)
+    return h_error(W_hat - W, H) / denom if denom > 0 else 0.0
+
+
+# ---------------------------------------------------------------- low rank
+
+
+def svd_lowrank(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Plain truncated SVD of A: the baseline the whitened version must beat."""
+    U, s, Vh = torch.linalg.svd(A.float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+
+
+def whitened_lowrank(A: Tensor, fac: HessianFactor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r approximation of A in the H-norm: L·R = trunc_r(A·S)·S⁻¹ (SVD-LLM)."""
+    U, s, Vh = torch.linalg.svd(A.float() @ fac.S, full_matrices=False)
+    root = s[:rank].sqrt()
+    L = U[:, :rank] * root
+    # R = √Σ Vᵀ S⁻¹, i.e. solve Rᵀ from Sᵀ Rᵀ = (√Σ Vᵀ)ᵀ
+    R = torch.linalg.solve_triangular(fac.S.T, (root[:, None] * Vh[:rank]).T, upper=True).T
+    return L, R
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+@dataclass
+class Quantized:
+    """A matrix on a grid: the values the model computes with and the bytes that store them."""
+
+    values: Tensor
+    raw: Tensor | None  # uint8 ggml blocks; None for f16
+    fmt: str
+
+
+def cast_f16(W: Tensor) -> Quantized:
+    return Quantized(W.half().float(), None, "f16")
+
+
+def rtn(W: Tensor, grid: Grid, importance: Tensor | None = None) -> Quantized:
+    """Round to nearest with importance-weighted scale search: the baseline LDLQ must beat."""
+    values, raw = grids.quantize_rtn(grid, W.float(), importance)
+    return Quantized(values, raw, grid.name)
+
+
+def ldlq(W: Tensor, fac: HessianFactor, grid: Grid, lazy: int = 128) -> Quantized:
+    """LDLQ / GPTQ: round one column at a time and feed its error forward through chol(H⁻¹).
+
+    Block scales are chosen when the block's first column is reached, from the error-updated weights; the
+    super-block scales (d, dmin) come from the weights before rounding.
+    """
+    W = W.float().clone()
+    out, n = W.shape
+    B, SB = grid.block, grid.super_block
+    lazy = max(B, lazy - lazy % B)
+    diag = torch.diagonal(fac.H).float()
+    importance = diag.repeat(out).reshape(-1, SB) if grid.super_block > 1 else None
+    sup = grids.fit_super(grid, W.reshape(-1, SB), importance)
+    codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
+    block_codes = torch.empty(out, n // B, 2, dtype=torch.int64, device=W.device)
+    Q = torch.empty_like(W)
+    U = fac.U
+    rows = torch.arange(out, device=W.device)
+    for i1 in range(0, n, lazy):
+        i2 = min(i1 + lazy, n)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % B == 0:
+                sup_rows = sup[(rows * n + j) // SB]
+                fit = grids.fit_block(grid, W1[:, i : i + B], sup_rows, diag[j : j + B])
+                scale, offset = fit.scale, fit.offset
+                block_codes[:, j // B] = fit.codes.to(torch.int64)
+            c, q = grids.round_values(grid, W1[:, i : i + 1], scale, offset)
+            codes[:, j : j + 1] = c
+            Q[:, j : j + 1] = q
+            err = (W1[:, i] - q[:, 0]) / U1[i, i]
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    raw = grids.pack(grid, codes.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
+    return Quantized(Q, raw, grid.name)
+
+
+def quantize_factor(M: Tensor, fmt: str, importance: Tensor | None = None) -> Quantized:
+    """Put a low-rank factor on its grid: f16 cast, or RTN weighted by the diagonal of the H its error sees.
+
+    LDLQ buys nothing here: at 4+ bits the factors' rounding error is far below Q's (measured on SmolLM2).
+    """
+    if fmt == "f16":
+        return cast_f16(M)
+    return rtn(M, grids.get_grid(fmt), importance)
+
+
+# ---------------------------------------------------------------- LPLR and CALDERA
+
+
+@dataclass
+class LowRank:
+    L: Quantized
+    R: Quantized
+
+    @property
+    def product(self) -> Tensor:
+        return self.L.values @ self.R.values
+
+
+def lplr(A: Tensor, fac: HessianFactor, rank: int, lr_format: str, iters: int) -> LowRank:
+    """Low-precision low-rank fit of A: whitened init, then alternate L and R solves, each rounded to its grid.
+
+    R's rounding is weighted by diag(H), L's by diag(R·H·Rᵀ), the H that each one's error sees. The best iterate
+    by H-weighted error is kept.
+    """
+    L0, R0 = whitened_lowrank(A, fac, rank)
+    if lr_format == "f16":
+        return LowRank(cast_f16(L0), cast_f16(R0))
+    A = A.float()
+    eye = torch.eye(rank, device=A.device)
+    diag_h = torch.diagonal(fac.H)
+    Rq = quantize_factor(R0, lr_format, diag_h)
+    best, best_err = None, float("inf")
+    for _ in range(max(1, iters)):
+        HR = Rq.values @ fac.H
+        G = HR @ Rq.values.T
+        G += 1e-6 * torch.trace(G) / rank * eye
+        Lq = quantize_factor(torch.linalg.solve(G, HR @ A.T).T, lr_format, torch.diagonal(G))
+        best, best_err = _keep_best(best, best_err, LowRank(Lq, Rq), A, fac.H)
+        LtL = Lq.values.T @ Lq.values
+        LtL += 1e-6 * torch.trace(LtL) / rank * eye
+        Rq = quantize_factor(torch.linalg.solve(LtL, Lq.values.T @ A), lr_format, diag_h)
+        best, best_err = _keep_best(best, best_err, LowRank(Lq, Rq), A, fac.H)
+    return best
+
+
+def _keep_best(best: LowRank | None, best_err: float, cand: LowRank, A: Tensor, H: Tensor) -> tuple[LowRank, float]:
+    err = h_error(cand.product - A, H)
+    return (cand, err) if err < best_err else (best, best_err)
+
+
+@dataclass
+class Decomposition:
+    """The result for one linear: Q (or None), L·R (or None) and the error history."""
+
+    Q: Quantized | None
+    LR: LowRank | None
+    error: float
+    history: list[float] = field(default_factory=list)
+
+    def values(self, shape: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+        W = torch.zeros(shape, device=device)
+        if self.Q is not None:
+            W += self.Q.values
+        if self.LR is not None:
+            W += self.LR.product
+        return W
+
+
+def caldera(
+    W: Tensor, fac: HessianFactor, grid: Grid, rank: int, lr_format: str, iters: int, lplr_iters: int
+) -> Decomposition:
+    """CALDERA: from L·R = 0 alternate Q ← LDLQ(W − L·R) and (L, R) ← LPLR(W − Q); keep the best iterate."""
+    W = W.float()
+    LR: LowRank | None = None
+    best: Decomposition | None = None
+    history: list[float] = []
+    for _ in range(max(1, iters)):
+        target = W if LR is None else W - LR.product
+        Q = ldlq(target, fac, grid)
+        LR = lplr(W - Q.values, fac, rank, lr_format, lplr_iters)
+        err = rel_error(Q.values + LR.product, W, fac.H)
+        if best is None or err < best.error:
+            best = Decomposition(Q, LR, err)
+        history.append(best.error)
+    best.history = history
+    return best
+
+
+METHODS = ("caldera", "ldlq", "lowrank", "rtn")
+
+
+def decompose(
+    W: Tensor,
+    fac: HessianFactor,
+    method: str,
+    q_format: str | None,
+    rank: int,
+    lr_format: str,
+    iters: int = 5,
+    lplr_iters: int = 5,
+    whiten: bool = True,
+) -> Decomposition:
+    """Dispatch one linear to its method; the error is always the relative H-weighted error."""
+    W = W.float()
+    Q: Quantized | None = None
+    LR: LowRank | None = None
+    if method == "caldera":
+        return caldera(W, fac, grids.get_grid(q_format), rank, lr_format, iters, lplr_iters)
+    if method == "rtn":
+        Q = rtn(W, grids.get_grid(q_format), torch.diagonal(fac.H))
+    elif method == "ldlq":
+        Q = ldlq(W, fac, grids.get_grid(q_format))
+    elif method == "lowrank":
+        if whiten:
+            LR = lplr(W, fac, rank, lr_format, lplr_iters)
+        else:
+            L, R = svd_lowrank(W, rank)
+            LR = LowRank(quantize_factor(L, lr_format), quantize_factor(R, lr_format))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    d = Decomposition(Q, LR, 0.0)
+    d.error = rel_error(d.values(tuple(W.shape), W.device), W, fac.H)
+    return d

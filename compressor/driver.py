@@ -1,0 +1,505 @@
+"""The streaming compressor: bottom-first, one decoder block resident, atomic and resumable output.
+
+Work happens in OUT.partial/: base.safetensors (embeddings, final norm, head), one shard per finished decoder
+block in layers/, and state.json recording what is done. A killed run resumes from its last finished block. When
+all blocks are done the shards are merged into model.safetensors, the manifest is written and the directory is
+renamed to OUT.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lrdeploy.artifact import FORMAT, MANIFEST, VERSION, WEIGHTS, LinearEntry, QLRLinear
+from lrdeploy.compressor import decompose as dec
+from lrdeploy.compressor import grids
+from lrdeploy.compressor.model import (
+    LINEAR_GROUPS,
+    LINEARS,
+    block_context,
+    layer_prefix,
+    materialize,
+    rotary,
+    skeleton,
+)
+from lrdeploy.compressor.sources import ModelSource
+from lrdeploy.compressor.text import calibration_ids, load_text, tokenize
+from lrdeploy.errors import LrdError
+from lrdeploy.io import atomic_write_json, merge_safetensors, replace_dir, sha256_file
+
+TARGETS = ("gguf", "onnx", "any")
+INPUTS = ("student", "teacher")
+DEFAULT_RANK = {"caldera": 32, "lowrank": 64, "ldlq": 0, "rtn": 0}
+DEFAULT_LR_FORMAT = {"caldera": "q4_0", "lowrank": "f16", "ldlq": "f16", "rtn": "f16"}
+FALLBACKS = ("q4_0", "q8_0")  # what a format falls back to when a tensor's rows don't fit it
+
+
+@dataclass
+class CompressOptions:
+    """Everything that decides the artifact's bytes (recorded in the manifest, compared on resume)."""
+
+    method: str = "caldera"
+    q_format: str = "q2_k"
+    rank: int | None = None
+    lr_format: str | None = None
+    iters: int = 2
+    lplr_iters: int = 2
+    calib: str | None = None
+    calib_range: str | None = None
+    calib_tokens: int = 16384
+    seq_len: int = 512
+    seed: int = 0
+    device: str = "auto"
+    inputs: str = "student"
+    target: str = "gguf"
+    damp: float = 0.01
+    whiten: bool = True
+    batch_size: int = 8
+    tensor_types: dict[str, str] = field(default_factory=dict)  # name substring -> q_format, like llama-quantize
+
+    def resolved(self) -> CompressOptions:
+        """Fill method-dependent defaults and check every value, before any work starts."""
+        o = copy.copy(self)
+        if o.method not in dec.METHODS:
+            raise LrdError(f"unknown method '{o.method}'; choose one of {', '.join(dec.METHODS)}")
+        if o.rank is None:
+            o.rank = DEFAULT_RANK[o.method]
+        if o.lr_format is None:
+            o.lr_format = DEFAULT_LR_FORMAT[o.method]
+        if o.method == "lowrank":
+            o.q_format = None
+        elif o.q_format not in grids.GRIDS:
+            raise LrdError(f"unknown format '{o.q_format}'; choose one of {', '.join(grids.GRIDS)}")
+        if o.lr_format not in dec.LR_FORMATS:
+            raise LrdError(f"unknown format '{o.lr_format}' for L and R; choose one of {', '.join(dec.LR_FORMATS)}")
+        if o.method in ("rtn", "ldlq") and o.rank:
+            raise LrdError(f"method {o.method} has no low-rank part: leave --rank out (or use caldera)")
+        if o.method in ("caldera", "lowrank") and o.rank <= 0:
+            raise LrdError(f"--rank must be positive for method {o.method}, got {o.rank}")
+        if o.rank and o.lr_format != "f16" and o.rank % 32 and o.target == "gguf":
+            raise LrdError(f"--lr-format {o.lr_format} needs --rank to be a multiple of 32 for GGUF (got {o.rank}); "
+                           "use --target onnx|any or --lr-format f16")
+        for pattern, fmt in o.tensor_types.items():
+            if fmt not in grids.GRIDS:
+                raise LrdError(f"unknown format '{fmt}' in --tensor-type {pattern}={fmt}; "
+                               f"choose one of {', '.join(grids.GRIDS)}")
+        if o.target not in TARGETS:
+            raise LrdError(f"unknown target '{o.target}'; choose one of {', '.join(TARGETS)}")
+        if o.inputs not in INPUTS:
+            raise LrdError(f"unknown --inputs '{o.inputs}'; choose one of {', '.join(INPUTS)}")
+        if o.device not in ("auto", "cpu", "cuda"):
+            raise LrdError(f"unknown device '{o.device}'; choose auto, cpu or cuda")
+        if o.device == "cuda" and not torch.cuda.is_available():
+            raise LrdError("--device cuda was asked for but no CUDA device is available")
+        for name in ("iters", "lplr_iters", "calib_tokens", "seq_len", "batch_size"):
+            if getattr(o, name) < 1:
+                raise LrdError(f"--{name.replace('_', '-')} must be at least 1")
+        return o
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("device")  # where it ran doesn't change what it computes
+        return d
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What one linear becomes: decided up front from its shape and the target's constraints."""
+
+    q_format: str | None
+    rank: int
+    lr_format: str
+    fallback: str | None
+
+
+def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions) -> LinearPlan:
+    """Apply the target's row constraints to one linear, falling back per tensor the way llama-quantize does."""
+    out, in_ = shape
+    if o.rank and o.rank >= min(out, in_):
+        raise LrdError(f"--rank {o.rank} is not below min(out, in) = {min(out, in_)} for {name} {out}x{in_}")
+    per_row = o.target == "gguf"
+    q_format, fallback = o.q_format, None
+    if q_format is not None:
+        for pattern, fmt in o.tensor_types.items():
+            if pattern in name:
+                q_format = fmt
+    if q_format is not None:
+        reason = grids.fits(grids.get_grid(q_format), shape, per_row=per_row)
+        if reason is not None:
+            for alt in FALLBACKS:
+                if grids.fits(grids.get_grid(alt), shape, per_row=per_row) is None:
+                    fallback = f"{reason} ({o.target}): {q_format} -> {alt}"
+                    q_format = alt
+                    break
+            else:
+                raise LrdError(f"{name} {out}x{in_}: {reason}, and no fallback format fits")
+    if o.rank and o.lr_format != "f16":
+        for side, shp in (("R", (o.rank, in_)), ("L", (out, o.rank))):
+            reason = grids.fits(grids.get_grid(o.lr_format), shp, per_row=per_row)
+            if reason is not None:
+                raise LrdError(f"{name}: {side} in {o.lr_format}: {reason}")
+    return LinearPlan(q_format, o.rank, o.lr_format, fallback)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a block's forward once the wanted input is captured."""
+
+
+class HCollector:
+    """Accumulates XᵀX over calibration batches from a forward pre-hook."""
+
+    def __init__(self, dim: int, device: torch.device, stop: bool):
+        self.sum = torch.zeros(dim, dim, device=device, dtype=torch.float32)
+        self.n = 0
+        self.stop = stop
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+        if self.stop:
+            raise _Stop
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> torch.Tensor:
+    """Apply one decoder block to all calibration sequences, batch by batch."""
+    with torch.no_grad():
+        return torch.cat([block(x[i : i + batch], **ctx) for i in range(0, len(x), batch)])
+
+
+def collect_h(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, ctx: dict, batch: int,
+              stop: bool) -> dict[str, torch.Tensor]:
+    """H for the inputs of NAMES (one per distinct input group), stopping the forward early when allowed."""
+    hooks, collectors = [], {}
+    for name in names:
+        module = block.get_submodule(name)
+        c = HCollector(module.in_features, x.device, stop)
+        collectors[name] = c
+        hooks.append(module.register_forward_pre_hook(c))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                try:
+                    block(x[i : i + batch], **ctx)
+                except _Stop:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: c.H for name, c in collectors.items()}
+
+
+def _weights(block: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    m = block.get_submodule(name)
+    return m.weight.detach(), None if m.bias is None else m.bias.detach()
+
+
+def linear_tensors(full: str, d: dec.Decomposition, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one compressed linear."""
+    out: dict[str, torch.Tensor] = {}
+    if d.Q is not None:
+        out[f"{full}.q"] = d.Q.raw.cpu().contiguous()
+    if d.LR is not None:
+        for key, part in (("lora_l", d.LR.L), ("lora_r", d.LR.R)):
+            out[f"{full}.{key}"] = (part.values.half() if part.raw is None else part.raw).cpu().contiguous()
+    if bias is not None:
+        out[f"{full}.bias"] = bias.cpu().contiguous()
+    return out
+
+
+def linear_bytes(tensors: dict[str, torch.Tensor], full: str) -> int:
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(full + ".") and
+               not k.endswith(".bias"))
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    manifest: dict
+
+
+def compress(
+    source: ModelSource,
+    options: CompressOptions,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> CompressResult:
+    """Compress SOURCE into the artifact OUT. STOP_AFTER (tests) ends the run after that many blocks."""
+    o = options.resolved()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    state_file = tmp / "state.json"
+    if out.exists() and not force and not (resume and tmp.exists()):
+        raise LrdError(f"{out} already exists; pass --force to overwrite it")
+    if tmp.exists() and not (resume or force):
+        raise LrdError(f"an unfinished run is in {tmp}; pass --resume to continue it or --force to start over")
+    device = o.torch_device()
+    t_start = time.perf_counter()
+    config = source.config
+    model = skeleton(config)
+    n_layers = config.num_hidden_layers
+    plans = {}
+    for i in range(n_layers):
+        block = model.model.layers[i]
+        for name in LINEARS:
+            m = block.get_submodule(name)
+            plans[layer_prefix(i) + name] = plan_linear(layer_prefix(i) + name, (m.out_features, m.in_features), o)
+
+    tokenizer = source.tokenizer()
+    ids = tokenize(tokenizer, load_text(o.calib, o.calib_range))
+    calib = calibration_ids(ids, o.calib_tokens, o.seq_len, o.seed).to(device)
+    state = _start_or_resume(tmp, state_file, o, resume, force)
+    if state["layers_done"] == 0 and not (tmp / "base.safetensors").exists():
+        source.save_meta(tmp)
+        _save_base(source, model, tmp / "base.safetensors")
+
+    get = source.tensor
+    embed = materialize(model.model.embed_tokens, "model.embed_tokens.", get, device)
+    with torch.no_grad():
+        x = embed(calib).float()
+    model.model.embed_tokens = None  # free it: only one block stays resident
+    del embed
+    rot = rotary(model, device)
+    ctx = block_context(model, x[: o.batch_size], rot)
+    teacher_x = x if o.inputs == "teacher" else None
+    student_x = x if o.inputs == "student" else None
+
+    for i in range(n_layers):
+        prefix = layer_prefix(i)
+        teacher = materialize(model.model.layers[i], prefix, get, device)
+        shard = tmp / "layers" / f"{i:04d}.safetensors"
+        if i >= state["layers_done"]:
+            t0 = time.perf_counter()
+            tensors, entries = _compress_block(teacher, prefix, plans, o, student_x, teacher_x, ctx, progress)
+            _save_shard(shard, tensors, teacher, prefix)
+            state["linears"].update({k: v.to_json() for k, v in entries.items()})
+            state["layers_done"] = i + 1
+            state["seconds"] += time.perf_counter() - t0
+            atomic_write_json(state_file, state)
+        elif progress:
+            for name in LINEARS:
+                progress(f"layer {i} {name} (resumed)")
+        if student_x is not None:
+            student = _student_block(teacher, prefix, shard, state["linears"], device)
+            student_x = run_block(student, student_x, ctx, o.batch_size)
+            del student
+        if teacher_x is not None:
+            teacher_x = run_block(teacher, teacher_x, ctx, o.batch_size)
+        model.model.layers[i] = None  # drop the block: peak memory must not grow with depth
+        del teacher
+        if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
+            raise KeyboardInterrupt
+    manifest = _finish(source, o, tmp, out, state, calib, time.perf_counter() - t_start, device)
+    return CompressResult(out, manifest)
+
+
+def _start_or_resume(tmp: Path, state_file: Path, o: CompressOptions, resume: bool, force: bool) -> dict:
+    fresh = {"options": o.to_json(), "layers_done": 0, "linears": {}, "seconds": 0.0}
+    if tmp.exists():
+        if resume:
+            import json
+
+            try:
+                state = json.loads(state_file.read_text())
+            except (OSError, ValueError):
+                state = None
+            if state is None or not isinstance(state, dict) or "layers_done" not in state:
+                raise LrdError(f"cannot resume: {state_file} is missing or corrupt; pass --force to start over")
+            if state.get("options") != o.to_json():
+                raise LrdError(f"cannot resume {tmp}: it was started with other options; pass --force to start over")
+            return state
+        if not force:
+            raise LrdError(f"an unfinished run is in {tmp}; pass --resume to continue it or --force to start over")
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / "layers").mkdir()
+    atomic_write_json(state_file, fresh)
+    return fresh
+
+
+def _save_base(source: ModelSource, model: nn.Module, path: Path) -> None:
+    """Embeddings, final norm and an untied head, exactly as the source stores them."""
+    from safetensors.torch import save_file
+
+    names = [n for n in source.names() if not n.startswith("model.layers.")]
+    tensors = {n: source.stored(n).contiguous() for n in names}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _compress_block(
+    teacher: nn.Module,
+    prefix: str,
+    plans: dict[str, LinearPlan],
+    o: CompressOptions,
+    student_x: torch.Tensor | None,
+    teacher_x: torch.Tensor | None,
+    ctx: dict,
+    progress: Progress | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry]]:
+    """Compress the 7 linears of one block, group by group, with H from student or teacher inputs."""
+    student = copy.deepcopy(teacher)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, LinearEntry] = {}
+    if teacher_x is not None:  # teacher inputs: every H comes from one pass of the original block
+        firsts = tuple(g[0] for g in LINEAR_GROUPS)
+        hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size, stop=False)
+    for group in LINEAR_GROUPS:
+        if teacher_x is None:  # student inputs: H sees the already-compressed linears before it
+            H = collect_h(student, group[:1], student_x, ctx, o.batch_size, stop=True)[group[0]]
+        else:
+            H = hs[group[0]]
+        fac = dec.hessian_factor(H, o.damp)
+        for name in group:
+            full = prefix + name
+            plan = plans[full]
+            W, bias = _weights(teacher, name)
+            t0 = time.perf_counter()
+            d = dec.decompose(
+                W, fac, o.method, plan.q_format, plan.rank, plan.lr_format, o.iters, o.lplr_iters, o.whiten
+            )
+            part = linear_tensors(full, d, bias)
+            tensors.update(part)
+            entries[full] = LinearEntry(
+                shape=list(W.shape),
+                q_format=plan.q_format,
+                rank=plan.rank,
+                lr_format=plan.lr_format if plan.rank else None,
+                error=d.error,
+                fallback=plan.fallback,
+                history=d.history or None,
+                seconds=round(time.perf_counter() - t0, 3),
+                bytes=linear_bytes(part, full),
+            )
+            _swap(student, name, d, bias)
+            if progress:
+                progress(f"layer {prefix.split('.')[2]} {name}")
+    return tensors, entries
+
+
+def _swap(block: nn.Module, name: str, d: dec.Decomposition, bias: torch.Tensor | None) -> None:
+    parent_name, _, child = name.rpartition(".")
+    qlr = QLRLinear.from_values(
+        None if d.Q is None else d.Q.values,
+        None if d.LR is None else d.LR.L.values,
+        None if d.LR is None else d.LR.R.values,
+        bias,
+    )
+    setattr(block.get_submodule(parent_name), child, qlr)
+
+
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], teacher: nn.Module, prefix: str) -> None:
+    """One finished block: its compressed linears plus its other tensors (norms) as they were."""
+    from safetensors.torch import save_file
+
+    compressed = {prefix + n for n in LINEARS}
+    for name, p in teacher.named_parameters():
+        full = prefix + name
+        if full.rpartition(".")[0] not in compressed:
+            tensors[full] = p.detach().cpu().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _student_block(teacher: nn.Module, prefix: str, shard: Path, linears: dict, device) -> nn.Module:
+    """The compressed block rebuilt from its shard: the same code path for a fresh run and a resumed one."""
+    from lrdeploy.artifact import ArtifactTensors, install_qlr
+
+    sub = {k[len(prefix):]: v for k, v in linears.items() if k.startswith(prefix)}
+    student = copy.deepcopy(teacher)
+    install_qlr(student, sub)
+    get = ArtifactTensors(shard.parent.parent, {"linears": linears}, device, weights=shard)
+    with torch.no_grad():
+        for name in sub:
+            module = student.get_submodule(name)
+            module.to_empty(device=device)
+            for key in ("q", "lora_l", "lora_r", "bias"):
+                if getattr(module, key) is not None:
+                    getattr(module, key).copy_(get(f"{prefix}{name}.{key}"))
+    return student.eval()
+
+
+def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state: dict, calib: torch.Tensor,
+            seconds: float, device: torch.device) -> dict:
+    shards = [tmp / "base.safetensors"] + sorted((tmp / "layers").glob("*.safetensors"))
+    merge_safetensors(tmp / WEIGHTS, shards)
+    linears = state["linears"]
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "source": {"spec": source.spec, "kind": source.kind, "path": str(source.path), "sha256": source.digest()},
+        "architecture": source.arch,
+        "method": o.method,
+        "options": o.to_json(),
+        "calibration": {
+            "source": o.calib or "pydoc (embedded default)",
+            "range": o.calib_range,
+            "tokens": int(calib.numel()),
+            "sequences": int(calib.shape[0]),
+            "seq_len": o.seq_len,
+            "seed": o.seed,
+        },
+        "linears": linears,
+        "summary": summarize(linears),
+        "timings": {
+            "compress_seconds": round(state["seconds"], 2),
+            "wall_seconds_this_run": round(seconds, 2),
+            "device": str(device),
+            "host": platform.node(),
+            "threads": torch.get_num_threads(),
+        },
+        "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    for shard in shards:
+        shard.unlink()
+    (tmp / "layers").rmdir()
+    (tmp / "state.json").unlink()
+    replace_dir(tmp, out)
+    return manifest
+
+
+def summarize(linears: dict) -> dict:
+    """bpw over the compressed linears (Q + L + R bytes, scales included), and mean error per linear type."""
+    params = sum(e["shape"][0] * e["shape"][1] for e in linears.values())
+    nbytes = sum(e["bytes"] for e in linears.values())
+    by_type: dict[str, list[float]] = {}
+    for name, e in linears.items():
+        by_type.setdefault(name.rsplit(".", 1)[-1], []).append(e["error"])
+    fallbacks = sum(1 for e in linears.values() if e.get("fallback"))
+    return {
+        "bpw": 8 * nbytes / params if params else 0.0,
+        "linear_params": params,
+        "linear_bytes": nbytes,
+        "error_by_type": {k: sum(v) / len(v) for k, v in by_type.items()},
+        "fallbacks": fallbacks,
+        "linears": len(linears),
+    }
+

@@ -1,0 +1,590 @@
+"""Quantizer grids that are exactly ggml's block formats.
+
+Every value this module produces is bit-identical to what llama.cpp (and gguf-py) computes when it dequantizes the
+packed bytes, so a compressor that optimises against these values optimises what the runtime actually sees.
+
+Conventions shared by all stages:
+
+* A weight is ``value = scale * (code - zero) - offset`` with integer ``code`` in ``0..qmax``; ``scale``/``offset`` are
+  float32 and equal the numbers ggml's dequantizer computes (e.g. q2_k ``scale = d * sc``, ``offset = dmin * m``).
+* ``BlockFit.codes`` holds the integers that get packed for each block: for K-quants column 0 is the stored sub-scale
+  (q3_k: the raw unsigned 6-bit value, i.e. signed scale + 32) and column 1 the stored sub-min (0 for q3_k); for
+  q4_0/q8_0, which have no super level, column 0 is the IEEE fp16 bit pattern of the block's ``d`` (0..65535) and
+  column 1 is 0.  ``sup`` (from :func:`fit_super`) holds the fp16-exact super-level ``d``/``dmin`` (zeros for
+  q4_0/q8_0).
+* Per-weight codes are ``torch.uint8`` (every ``qmax`` fits); convert before doing signed arithmetic on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import gguf
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRIDS",
+    "BlockFit",
+    "Grid",
+    "block_index",
+    "dequant",
+    "fit_and_round",
+    "fit_block",
+    "fit_super",
+    "fits",
+    "get_grid",
+    "pack",
+    "quantize_rtn",
+    "round_codes",
+    "round_values",
+    "super_index",
+    "unpack",
+]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Static description of one ggml block format; fields mirror ggml's own constants."""
+
+    name: str
+    block: int
+    super_block: int
+    type_size: int
+    qmax: int
+    zero: int
+    ggml_type: gguf.GGMLQuantizationType
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight including all scales, as the file size will show."""
+        return 8.0 * self.type_size / self.super_block
+
+    @property
+    def has_super(self) -> bool:
+        """K-quants share an fp16 d/dmin over a 256-weight super-block; q4_0/q8_0 store d per block."""
+        return self.super_block != self.block
+
+    @property
+    def affine(self) -> bool:
+        """Whether blocks carry a non-zero offset (a stored minimum)."""
+        return self.zero == 0
+
+
+GRIDS: dict[str, Grid] = {
+    "q2_k": Grid("q2_k", 16, 256, 84, 3, 0, gguf.GGMLQuantizationType.Q2_K),
+    "q3_k": Grid("q3_k", 16, 256, 110, 7, 4, gguf.GGMLQuantizationType.Q3_K),
+    "q4_k": Grid("q4_k", 32, 256, 144, 15, 0, gguf.GGMLQuantizationType.Q4_K),
+    "q4_0": Grid("q4_0", 32, 32, 18, 15, 8, gguf.GGMLQuantizationType.Q4_0),
+    "q8_0": Grid("q8_0", 32, 32, 34, 254, 127, gguf.GGMLQuantizationType.Q8_0),
+}
+
+
+@dataclass(frozen=True)
+class _Search:
+    """Per-format search settings (integer ranges of the sub-level and the candidates tried)."""
+
+    sub_lo: int  # smallest stored-minus-bias sub-scale (q3_k scales are signed)
+    sub_hi: int
+    sub_bias: int  # stored sub-scale = integer scale + sub_bias
+    min_hi: int  # largest stored sub-min (0: no offset)
+    steps: tuple[float, ...]  # real-fit candidates (see _real_affine / _real_symmetric)
+
+
+def _span(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    return tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
+
+
+_SEARCH = MappingProxyType(
+    {
+        # affine: iscale = (qmax + step) / (max - min)
+        "q2_k": _Search(0, 15, 0, 15, _span(-0.3, 0.3, 4)),
+        "q4_k": _Search(0, 63, 0, 63, _span(-1.0, 1.0, 9)),
+        # symmetric: the largest-magnitude weight is put at level `step` (negative: the wide side)
+        "q3_k": _Search(-32, 31, 32, 0, _span(-4.6, -3.4, 4) + _span(2.6, 3.4, 3)),
+        "q4_0": _Search(0, 0, 0, 0, _span(-8.8, -7.2, 9) + _span(6.6, 7.4, 5)),
+        # many nearby scales: with 255 levels the best is a lucky alignment, not a clipping trade-off
+        "q8_0": _Search(0, 0, 0, 0, _span(-132.0, -122.0, 11)),
+    }
+)
+
+_FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """Chosen quantizer of m blocks: float32 scale/offset exactly as ggml computes them, and what to pack."""
+
+    scale: Tensor  # [m] float32
+    offset: Tensor  # [m] float32
+    codes: Tensor  # [m, 2] int32, see module docstring
+
+
+@dataclass(frozen=True)
+class _Real:
+    """Unconstrained (float) per-block fit, the starting point of both the super and the block stage."""
+
+    a: Tensor  # [m] scale per unit level
+    o: Tensor  # [m] offset (>= 0), zeros for symmetric formats
+    h_a: Tensor  # [m] curvature of the error w.r.t. a (sum x*q^2)
+    h_o: Tensor  # [m] curvature w.r.t. o (sum x)
+    s_q: Tensor  # [m] sum x*q of the chosen codes (affine), so the best offset for any scale s is (s*s_q - s_w)/h_o
+    s_w: Tensor  # [m] sum x*w
+    ref: Tensor  # [m] q4_0/q8_0: the reference quantizer's d (always tried), else unused
+
+
+def get_grid(name: str) -> Grid:
+    """Look a format up by name, failing with the list of valid names."""
+    grid = GRIDS.get(name.lower())
+    if grid is None:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(GRIDS)}")
+    return grid
+
+
+def fits(grid: Grid, shape: tuple[int, ...] | torch.Size, per_row: bool) -> str | None:
+    """None if a matrix of `shape` can use `grid`; otherwise a short reason. per_row demands ggml's row layout."""
+    if len(shape) != 2:
+        return f"expected a 2-D weight, got shape {tuple(shape)}"
+    out, in_ = int(shape[0]), int(shape[1])
+    if in_ % grid.block:
+        return f"row length {in_} is not a multiple of {grid.block}"
+    if per_row and in_ % grid.super_block:
+        return f"row length {in_} is not a multiple of {grid.super_block}"
+    if (out * in_) % grid.super_block:
+        return f"{out}x{in_} = {out * in_} weights is not a multiple of {grid.super_block}"
+    return None
+
+
+def super_index(grid: Grid, out: int, in_: int, col: int, device: torch.device | str | None = None) -> Tensor:
+    """Super-block (row of `sup`) of each output row for the block starting at column `col` (flattened layout)."""
+    return torch.div(torch.arange(out, device=device) * in_ + col, grid.super_block, rounding_mode="floor")
+
+
+def block_index(grid: Grid, out: int, in_: int, col: int, device: torch.device | str | None = None) -> Tensor:
+    """Flat block number (row of pack's `block_codes`) of each output row for the block starting at column `col`."""
+    return torch.div(torch.arange(out, device=device) * in_ + col, grid.block, rounding_mode="floor")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rounding and dequantization
+
+
+def _levels(grid: Grid) -> tuple[int, int]:
+    return -grid.zero, grid.qmax - grid.zero
+
+
+def _round_levels(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """Float levels q = code - zero; a zero scale maps to q = 0 (division by inf)."""
+    lo, hi = _levels(grid)
+    safe = torch.where(scale == 0, torch.full_like(scale, math.inf), scale).unsqueeze(-1)
+    num = w + offset.unsqueeze(-1) if grid.affine else w
+    return torch.round(num / safe).clamp_(lo, hi)
+
+
+def _values(grid: Grid, q: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """ggml's float32 operation order: (scale * q) - offset, q an exact small integer in float32."""
+    v = scale.unsqueeze(-1) * q
+    return v - offset.unsqueeze(-1) if grid.affine else v
+
+
+def round_codes(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """Nearest codes clamp(round((w + offset) / scale) + zero, 0, qmax) as uint8; scale == 0 gives code `zero`."""
+    q = _round_levels(grid, w.to(torch.float32), scale, offset)
+    return (q + grid.zero).to(torch.uint8)
+
+
+def round_values(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes as uint8, their exact values) in one pass: the hot step of the LDLQ column loop."""
+    q = _round_levels(grid, w, scale, offset)
+    return (q + grid.zero).to(torch.uint8), _values(grid, q, scale, offset)
+
+
+def dequant(grid: Grid, codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """Values of codes[..., k] under per-row scale/offset[...], bit-identical to ggml/gguf-py."""
+    q = codes.to(torch.int32)
+    if grid.zero:
+        q = q - grid.zero
+    return _values(grid, q.to(torch.float32), scale, offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fitting
+
+
+def _fp16(t: Tensor) -> Tensor:
+    """Round to the nearest fp16 (kept as float32), the precision ggml stores d/dmin in."""
+    return t.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
+
+
+def _weights(importance: Tensor | None, w: Tensor) -> Tensor | None:
+    if importance is None:
+        return None
+    return importance.to(device=w.device, dtype=torch.float32).expand_as(w)
+
+
+def _wsum(x: Tensor | None, t: Tensor) -> Tensor:
+    return (t if x is None else x * t).sum(-1)
+
+
+def _real_affine(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
+    """Weighted least-squares (a, o) for value = a*q - o, over a range of rounding scales (like make_qkx2_quants)."""
+    qmax = float(grid.qmax)
+    mn = w.amin(-1).clamp(max=0.0)
+    rng = w.amax(-1) - mn
+    ok = rng > 0
+    inv_rng = torch.where(ok, 1.0 / torch.where(ok, rng, 1.0), 0.0).unsqueeze(-1)
+    shifted = w - mn.unsqueeze(-1)
+    xw = w if x is None else x * w
+    sx = torch.full_like(mn, w.shape[-1]) if x is None else x.sum(-1)
+    sw = xw.sum(-1)
+    # fallback: min/max mapping, which is exact for constant blocks
+    best_a = rng / qmax
+    best_b = mn
+    best_e = torch.full_like(mn, math.inf)
+    best_h = sx * qmax * qmax
+    best_sq = sx * qmax
+    for step in _SEARCH[grid.name].steps:
+        q = torch.round(shifted * (inv_rng * (qmax + step))).clamp_(0.0, qmax)
+        xq = q if x is None else x * q
+        sq = xq.sum(-1)
+        sqq = (xq * q).sum(-1)
+        sqw = (xq * w).sum(-1)
+        det = sx * sqq - sq * sq
+        good = det > 1e-6 * sx * sqq
+        det = torch.where(good, det, 1.0)
+        a = (sx * sqw - sq * sw) / det
+        b = (sqq * sw - sq * sqw) / det
+        pos = b > 0
+        a = torch.where(pos, sqw / torch.where(sqq > 0, sqq, 1.0), a)
+        b = torch.where(pos, 0.0, b)
+        e = a * a * sqq + 2 * a * b * sq + b * b * sx - 2 * a * sqw - 2 * b * sw
+        take = good & (e < best_e)
+        best_e = torch.where(take, e, best_e)
+        best_a = torch.where(take, a, best_a)
+        best_b = torch.where(take, b, best_b)
+        best_h = torch.where(take, sqq, best_h)
+        best_sq = torch.where(take, sq, best_sq)
+    zeros = torch.zeros_like(mn)
+    return _Real(best_a.clamp(min=0.0), -best_b, best_h, sx, best_sq, sw, zeros)
+
+
+def _real_symmetric(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
+    """Weighted least-squares a for value = a*q, trying the largest weight at several (signed) levels."""
+    lo, hi = _levels(grid)
+    idx = w.abs().argmax(-1, keepdim=True)
+    wmax = w.gather(-1, idx).squeeze(-1)
+    amax = wmax.abs()
+    zeros = torch.zeros_like(wmax)
+    best_a = zeros
+    best_e = torch.zeros_like(wmax)  # a = 0 has error sum x*w^2, i.e. 0 relative to it
+    best_h = zeros
+    for step in _SEARCH[grid.name].steps:
+        a = (wmax / step).unsqueeze(-1)
+        safe = torch.where(a == 0, math.inf, a)
+        q = torch.round(w / safe).clamp_(lo, hi)
+        xq = q if x is None else x * q
+        sqq = (xq * q).sum(-1)
+        sqw = (xq * w).sum(-1)
+        has = sqq > 0
+        a_ls = torch.where(has, sqw / torch.where(has, sqq, 1.0), 0.0)
+        e = -a_ls * sqw
+        take = has & (e < best_e)
+        best_e = torch.where(take, e, best_e)
+        best_a = torch.where(take, a_ls, best_a)
+        best_h = torch.where(take, sqq, best_h)
+    if grid.name == "q4_0":
+        ref = wmax / -8.0  # ggml's quantize_row_q4_0_ref
+    elif grid.name == "q8_0":
+        ref = amax / 127.0  # ggml's quantize_row_q8_0_ref
+    else:
+        ref = zeros
+    sx = torch.full_like(wmax, w.shape[-1]) if x is None else x.sum(-1)
+    return _Real(best_a, zeros, best_h, sx, zeros, zeros, ref)
+
+
+def _real_fit(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
+    return _real_affine(grid, w, x) if grid.affine else _real_symmetric(grid, w, x)
+
+
+def _pick_step(vals: Tensor, h: Tensor, lo: int, hi: int) -> Tensor:
+    """fp16 super-level step d minimising sum h*(v - d*clamp(round(v/d)))^2 over the blocks of each super-block."""
+    top = vals.clamp(min=0).amax(-1) / hi
+    if lo < 0:
+        top = torch.maximum(top, (-vals).clamp(min=0).amax(-1) / -lo)
+    factors = torch.tensor(_span(0.80, 1.04, 13), device=vals.device, dtype=torch.float32)
+    cand = _fp16(top.unsqueeze(-1) * factors)  # [n, F]
+    safe = torch.where(cand == 0, math.inf, cand).unsqueeze(-1)
+    k = torch.round(vals.unsqueeze(-2) / safe).clamp_(lo, hi)
+    err = (h.unsqueeze(-2) * (vals.unsqueeze(-2) - cand.unsqueeze(-1) * k) ** 2).sum(-1)
+    return cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+def _super_from_real(grid: Grid, real: _Real, n_super: int) -> Tensor:
+    if not grid.has_super:
+        return torch.zeros(n_super, 2, device=real.a.device, dtype=torch.float32)
+    spec = _SEARCH[grid.name]
+    n_sub = grid.super_block // grid.block
+    d = _pick_step(real.a.view(n_super, n_sub), real.h_a.view(n_super, n_sub), spec.sub_lo, spec.sub_hi)
+    if spec.min_hi:
+        dmin = _pick_step(real.o.view(n_super, n_sub), real.h_o.view(n_super, n_sub), 0, spec.min_hi)
+    else:
+        dmin = torch.zeros_like(d)
+    return torch.stack([d, dmin], -1)
+
+
+def fit_super(grid: Grid, w: Tensor, importance: Tensor | None = None) -> Tensor:
+    """Per super-block fp16-exact [d, dmin] (float32) chosen so the 4/6-bit sub-scales can express each block's fit."""
+    w = w.to(torch.float32)
+    n_super = w.shape[0]
+    if not grid.has_super:
+        return torch.zeros(n_super, 2, device=w.device, dtype=torch.float32)
+    wb = w.reshape(-1, grid.block)
+    x = _weights(importance, w)
+    real = _real_fit(grid, wb, None if x is None else x.reshape(-1, grid.block))
+    return _super_from_real(grid, real, n_super)
+
+
+def _error(grid: Grid, w: Tensor, x: Tensor | None, scale: Tensor, offset: Tensor) -> Tensor:
+    """Weighted squared error of rounding w with (scale, offset); fused in-place, ranking-accurate (not bit-exact)."""
+    lo, hi = _levels(grid)
+    s = scale.unsqueeze(-1)
+    num = w + offset.unsqueeze(-1) if grid.affine else w
+    r = torch.div(num, torch.where(s == 0, math.inf, s)).round_().clamp_(lo, hi).mul_(s).sub_(num).square_()
+    return (r if x is None else r.mul_(x)).sum(-1)
+
+
+def _improves(e: Tensor, best: Tensor) -> Tensor:
+    """1.0 where e < best else 0.0, without boolean tensors (slow on some CPU builds)."""
+    return torch.sign(best - e).clamp_(min=0.0)
+
+
+def _fp16_bits(t: Tensor) -> Tensor:
+    return t.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+def _fp16_neighbours(t: Tensor) -> list[Tensor]:
+    """The fp16 values just below and above t (t already fp16-exact); non-finite results fall back to t."""
+    bits = t.to(torch.float16).view(torch.int16)
+    out = []
+    for delta in (-1, 1):
+        nb = (bits.to(torch.int32) + delta).clamp(-32768, 32767).to(torch.int16).view(torch.float16).to(torch.float32)
+        out.append(torch.where(torch.isfinite(nb) & (t != 0), nb, t))
+    return out
+
+
+def _block_from_real(grid: Grid, w: Tensor, sup: Tensor, x: Tensor | None, real: _Real) -> BlockFit:
+    """Exact search over the few integer sub-scales/mins (or fp16 d's) around the float fit; keeps the best."""
+    zeros_i = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    if not grid.has_super:
+        cands = [_fp16(real.a), _fp16(real.ref)]
+        cands += _fp16_neighbours(cands[0])
+        zeros = torch.zeros_like(real.a)
+        best_d, best_e = cands[0], _error(grid, w, x, cands[0], zeros)
+        for d in cands[1:]:
+            e = _error(grid, w, x, d, zeros)
+            take = e < best_e
+            best_e = torch.where(take, e, best_e)
+            best_d = torch.where(take, d, best_d)
+        return BlockFit(best_d, zeros, torch.stack([_fp16_bits(best_d), zeros_i], -1))
+
+    spec = _SEARCH[grid.name]
+    d = _fp16(sup[:, 0].to(torch.float32))
+    dmin = _fp16(sup[:, 1].to(torch.float32))
+    base_k = torch.floor(real.a / torch.where(d == 0, math.inf, d))
+    safe_m = torch.where(dmin == 0, math.inf, dmin)
+    has_x = real.h_o > 0
+    sx = torch.where(has_x, real.h_o, 1.0)
+    best_e = torch.full_like(d, math.inf)
+    best_k = torch.zeros_like(d)
+    best_m = torch.zeros_like(d)
+    for dk in (-1, 0, 1, 2):
+        k = (base_k + dk).clamp_(spec.sub_lo, spec.sub_hi)
+        scale = d * k
+        if spec.min_hi:
+            # the best offset for this scale with the float fit's codes; the true optimum is often a step or so below
+            o = torch.where(has_x, (scale * real.s_q - real.s_w) / sx, real.o)
+            base_m = torch.floor(o / safe_m)
+            m_cands = [(base_m + dm).clamp_(0, spec.min_hi) for dm in (-1, 0, 1, 2)]
+        else:
+            m_cands = [torch.zeros_like(d)]
+        for m in m_cands:
+            e = _error(grid, w, x, scale, dmin * m)
+            take = _improves(e, best_e)
+            best_e = torch.minimum(e, best_e)
+            best_k += take * (k - best_k)  # exact: small integers
+            best_m += take * (m - best_m)
+    k_int, m_int = best_k.to(torch.int32), best_m.to(torch.int32)
+    # recomputed from the integers exactly as ggml does (also normalises any -0.0)
+    scale = d * k_int.to(torch.float32)
+    offset = dmin * m_int.to(torch.float32)
+    return BlockFit(scale, offset, torch.stack([k_int + spec.sub_bias, m_int], -1))
+
+
+def fit_block(grid: Grid, w: Tensor, sup: Tensor | None, importance: Tensor | None = None) -> BlockFit:
+    """Best (importance-weighted, after rounding) integer sub-scale/min of m independent blocks w[m, block].
+
+    `sup[m, 2]` is each block's super-level d/dmin (ignored, may be None, for q4_0/q8_0, which pick an fp16 d here).
+    """
+    w = w.to(torch.float32)
+    if sup is None:
+        if grid.has_super:
+            raise ValueError(f"{grid.name} blocks need their super-block's d/dmin (sup)")
+        sup = torch.zeros(w.shape[0], 2, device=w.device, dtype=torch.float32)
+    x = _weights(importance, w)
+    real = _real_fit(grid, w, x)
+    return _block_from_real(grid, w, sup.to(device=w.device, dtype=torch.float32), x, real)
+
+
+def fit_and_round(
+    grid: Grid, w_cols: Tensor, sup_rows: Tensor | None, importance: Tensor | None = None
+) -> tuple[BlockFit, Tensor, Tensor]:
+    """One LDLQ step's quantizer: fit each row's block, then its uint8 codes and exact float32 values."""
+    fit = fit_block(grid, w_cols, sup_rows, importance)
+    codes = round_codes(grid, w_cols, fit.scale, fit.offset)
+    return fit, codes, dequant(grid, codes, fit.scale, fit.offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# packing
+
+
+def _half_bytes(t: Tensor) -> Tensor:
+    """[n] float32 (fp16-exact) -> [n, 2] little-endian fp16 bytes."""
+    bits = _fp16_bits(t)
+    return torch.stack([bits & 0xFF, bits >> 8], -1).to(torch.uint8)
+
+
+def _bytes_half(b: Tensor) -> Tensor:
+    """[n, 2] little-endian fp16 bytes -> [n] float32."""
+    bits = b[:, 0].to(torch.int32) | (b[:, 1].to(torch.int32) << 8)
+    bits = torch.where(bits >= 32768, bits - 65536, bits)
+    return bits.to(torch.int16).view(torch.float16).to(torch.float32)
+
+
+def _pack_2bit(c: Tensor) -> Tensor:
+    """[n, 256] 2-bit values -> [n, 64]: byte 32*h + l holds elements 128*h + 32*s + l at bit 2*s."""
+    c = c.view(-1, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], device=c.device, dtype=torch.int32).view(1, 1, 4, 1)
+    return (c << shifts).sum(2).reshape(-1, 64)
+
+
+def _unpack_2bit(b: Tensor) -> Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
+    return ((b.view(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
+
+
+def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None) -> Tensor:
+    """ggml's exact bytes (1-D uint8, n_super*type_size) for codes[n_super, super_block] in flattened block order."""
+    n = codes.shape[0]
+    c = codes.to(torch.int32).reshape(n, grid.super_block)
+    bc = block_codes.to(torch.int32).reshape(n, grid.super_block // grid.block, 2)
+    if grid.name in ("q4_0", "q8_0"):
+        bits = bc[:, 0, 0]
+        d = torch.stack([bits & 0xFF, bits >> 8], -1)
+        qs = (c[:, :16] | (c[:, 16:] << 4)) if grid.name == "q4_0" else (c - 127) & 0xFF
+        return torch.cat([d, qs], -1).to(torch.uint8).reshape(-1)
+    assert sup is not None, "K-quants need the super-level d/dmin"
+    d = _half_bytes(sup[:, 0].to(torch.float32))
+    dmin = _half_bytes(sup[:, 1].to(torch.float32))
+    sc, mn = bc[..., 0], bc[..., 1]
+    if grid.name == "q2_k":
+        scales = sc | (mn << 4)
+        parts = [scales, _pack_2bit(c), d, dmin]
+    elif grid.name == "q3_k":
+        hmask = ((c >> 2).view(n, 8, 32) << torch.arange(8, device=c.device, dtype=torch.int32).view(1, 8, 1)).sum(1)
+        low = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+        high_shift = torch.tensor([0, 2, 4, 6], device=c.device, dtype=torch.int32).view(1, 4, 1)
+        high = (((sc >> 4) & 3).view(n, 4, 4) << high_shift).sum(1)
+        parts = [hmask, _pack_2bit(c & 3), low, high, d]
+    else:  # q4_k
+        s_lo = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+        m_lo = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+        both = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+        nib = c.view(n, 4, 2, 32)
+        qs = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(n, 128)
+        parts = [d, dmin, s_lo, m_lo, both, qs]
+    return torch.cat([p.to(torch.uint8) for p in parts], -1).reshape(-1)
+
+
+def _parse(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed bytes -> (codes [n_blocks, block] int32, scale [n_blocks], offset [n_blocks]) as ggml computes them."""
+    b = raw.to(torch.uint8).reshape(-1, grid.type_size)
+    n = b.shape[0]
+    bi = b.to(torch.int32)
+    if grid.name in ("q4_0", "q8_0"):
+        d = _bytes_half(b[:, :2])
+        if grid.name == "q4_0":
+            codes = torch.cat([bi[:, 2:] & 15, bi[:, 2:] >> 4], -1)
+        else:
+            codes = ((bi[:, 2:] + 128) & 0xFF) - 1  # int8 x -> x + 127; ggml's -128 becomes -1 (kept as int32)
+        return codes, d, torch.zeros_like(d)
+    if grid.name == "q2_k":
+        sc, mn = bi[:, :16] & 15, bi[:, :16] >> 4
+        codes = _unpack_2bit(bi[:, 16:80])
+        d, dmin = _bytes_half(b[:, 80:82]), _bytes_half(b[:, 82:84])
+    elif grid.name == "q3_k":
+        hbits = (bi[:, :32].view(n, 1, 32) >> torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)) & 1
+        codes = _unpack_2bit(bi[:, 32:96]) | (hbits.reshape(n, 256) << 2)
+        low = torch.cat([bi[:, 96:104] & 15, bi[:, 96:104] >> 4], -1)
+        high_shift = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 4, 1)
+        high = ((bi[:, 104:108].view(n, 1, 4) >> high_shift) & 3).reshape(n, 16)
+        sc = (low | (high << 4)) - 32
+        mn = torch.zeros_like(sc)
+        d, dmin = _bytes_half(b[:, 108:110]), torch.zeros(n, device=b.device)
+    else:  # q4_k
+        d, dmin = _bytes_half(b[:, 0:2]), _bytes_half(b[:, 2:4])
+        s, m, md = bi[:, 4:8], bi[:, 8:12], bi[:, 12:16]
+        sc = torch.cat([s & 63, (md & 15) | ((s >> 2) & 48)], -1)
+        mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+        nib_shift = torch.tensor([0, 4], device=b.device, dtype=torch.int32).view(1, 1, 2, 1)
+        nib = bi[:, 16:144].view(n, 4, 1, 32) >> nib_shift
+        codes = (nib & 15).reshape(n, 256)
+    n_sub = grid.super_block // grid.block
+    scale = (d.unsqueeze(-1) * sc.to(torch.float32)).reshape(-1)
+    offset = (dmin.unsqueeze(-1) * mn.to(torch.float32)).reshape(-1)
+    return codes.reshape(n * n_sub, grid.block), scale, offset
+
+
+def unpack(grid: Grid, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Our own dequantizer of ggml bytes (flattened layout), bit-identical to gguf-py's."""
+    codes, scale, offset = _parse(grid, raw)
+    return dequant(grid, codes, scale, offset).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# round-to-nearest baseline
+
+
+def quantize_rtn(
+    grid: Grid, W: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18
+) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest quantization of W[out, in] (flattened layout): (exact float32 values, ggml bytes).
+
+    importance[in] (or [out, in]) weights each squared error; `chunk` (weights per step) trades memory for speed.
+    """
+    reason = fits(grid, W.shape, per_row=False)
+    if reason is not None:
+        raise ValueError(f"{grid.name}: {reason}")
+    out, in_ = W.shape
+    flat = W.detach().to(torch.float32).reshape(-1, grid.super_block)
+    x_flat = None
+    if importance is not None:
+        imp = importance.detach().to(device=W.device, dtype=torch.float32)
+        x_flat = imp.expand(out, in_).reshape(-1, grid.super_block)
+    step = max(1, chunk // grid.super_block)
+    values, raws = [], []
+    for start in range(0, flat.shape[0], step):
+        w = flat[start : start + step]
+        n = w.shape[0]
+        wb = w.reshape(-1, grid.block)
+        xb = None if x_flat is None else x_flat[start : start + step].reshape(-1, grid.block)
+        real = _real_fit(grid, wb, xb)
+        sup = _super_from_real(grid, real, n)
+        sup_b = sup.repeat_interleave(grid.super_block // grid.block, 0)
+        fit = _block_from_real(grid, wb, sup_b, xb, real)
+        codes = round_codes(grid, wb, fit.scale, fit.offset)
+        values.append(dequant(grid, codes, fit.scale, fit.offset).reshape(-1))
+        raws.append(pack(grid, codes.reshape(n, grid.super_block), fit.codes, sup))
+    return torch.cat(values).reshape(out, in_), torch.cat(raws)

@@ -1,0 +1,201 @@
+"""The artifact: the one contract between compressor, exporters and runtime.
+
+A directory with config.json + tokenizer files, `lrdeploy.json` (the manifest) and `model.safetensors`, where each
+compressed linear NAME stores `NAME.q` (raw ggml blocks, uint8), `NAME.lora_l` (out×r) and `NAME.lora_r` (r×in)
+as f16 or raw ggml blocks, and every other tensor is stored as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrdeploy.errors import LrdError
+
+MANIFEST = "lrdeploy.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "lrdeploy-artifact"
+VERSION = 1
+
+
+class QLRLinear(nn.Module):
+    """y = Q·x + L·(R·x) + b, never merged: the reference that every export must reproduce."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, has_q: bool, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = {"device": device, "dtype": torch.float32}
+        self.register_buffer("q", torch.empty(out_features, in_features, **kw) if has_q else None)
+        self.register_buffer("lora_l", torch.empty(out_features, rank, **kw) if rank else None)
+        self.register_buffer("lora_r", torch.empty(rank, in_features, **kw) if rank else None)
+        self.register_buffer("bias", torch.empty(out_features, **kw) if bias else None)
+
+    @classmethod
+    def from_values(cls, q: torch.Tensor | None, lora_l: torch.Tensor | None, lora_r: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> QLRLinear:
+        ref = q if q is not None else lora_l @ lora_r
+        m = cls(ref.shape[1], ref.shape[0], 0 if lora_l is None else lora_l.shape[1], q is not None,
+                bias is not None, device=ref.device)
+        for name, value in (("q", q), ("lora_l", lora_l), ("lora_r", lora_r), ("bias", bias)):
+            if value is not None:
+                getattr(m, name).copy_(value)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.q, self.bias) if self.q is not None else None
+        if self.rank:
+            low = F.linear(F.linear(x, self.lora_r), self.lora_l)
+            y = low if y is None else y + low
+            if self.q is None and self.bias is not None:
+                y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, q={self.q is not None}"
+
+
+@dataclass
+class LinearEntry:
+    """Per-linear record in the manifest."""
+
+    shape: list[int]
+    q_format: str | None
+    rank: int
+    lr_format: str | None
+    error: float
+    fallback: str | None = None
+    history: list[float] | None = None
+    seconds: float = 0.0
+    bytes: int = 0  # Q + L + R as stored, scales included
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        if d["history"] is None:
+            d.pop("history")
+        return d
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of artifact PATH, validated; a clear error for every way it can be broken."""
+    path = Path(path)
+    if not path.exists():
+        raise LrdError(f"no such artifact: {path}")
+    file = path / MANIFEST
+    if not file.is_file():
+        raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LrdError(f"{file} is not valid JSON: {e}") from None
+    return validate_manifest(manifest, file)
+
+
+def validate_manifest(manifest: object, where: object = MANIFEST) -> dict:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LrdError(f"{where} is not an lrdeploy manifest (format field missing)")
+    version = manifest.get("version")
+    if version != VERSION:
+        raise LrdError(f"{where} has manifest version {version!r}; this lrdeploy reads version {VERSION}")
+    linears = manifest.get("linears")
+    if not isinstance(linears, dict):
+        raise LrdError(f"{where} has no 'linears' table")
+    for name, e in linears.items():
+        ok = (
+            isinstance(e, dict)
+            and isinstance(e.get("shape"), list)
+            and len(e["shape"]) == 2
+            and all(isinstance(x, int) and x > 0 for x in e["shape"])
+            and isinstance(e.get("rank"), int)
+            and e["rank"] >= 0
+            and (e.get("q_format") is None or isinstance(e.get("q_format"), str))
+        )
+        if not ok:
+            raise LrdError(f"{where}: bad entry for linear {name}")
+    return manifest
+
+
+def is_artifact(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).exists()
+
+
+class ArtifactTensors:
+    """Tensor getter over an artifact: `NAME.q`, `NAME.lora_l`, `NAME.lora_r` come back dequantized to float32."""
+
+    def __init__(self, path: Path, manifest: dict, device: str | torch.device = "cpu", weights: Path | None = None):
+        from safetensors import safe_open
+
+        from lrdeploy.io import read_safetensors_header
+
+        self.path, self.manifest, self.device = Path(path), manifest, device
+        weights = weights or self.path / WEIGHTS
+        if not weights.is_file():
+            raise LrdError(f"{self.path} is missing {WEIGHTS}")
+        self.header, _ = read_safetensors_header(weights)
+        try:
+            self._file = safe_open(str(weights), framework="pt", device=str(device))
+        except Exception as e:
+            raise LrdError(f"corrupt {weights}: {e}") from None
+
+    def raw(self, name: str) -> torch.Tensor:
+        if name not in self.header:
+            raise LrdError(f"{self.path} lacks tensor {name}")
+        return self._file.get_tensor(name)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from lrdeploy.compressor import grids
+
+        base, _, kind = name.rpartition(".")
+        entry = self.manifest["linears"].get(base)
+        if entry is not None and kind in ("q", "lora_l", "lora_r"):
+            out, in_ = entry["shape"]
+            r = entry["rank"]
+            fmt = entry["q_format"] if kind == "q" else entry["lr_format"]
+            shape = {"q": (out, in_), "lora_l": (out, r), "lora_r": (r, in_)}[kind]
+            t = self.raw(name)
+            if fmt in (None, "f16", "f32"):
+                return t.float().reshape(shape)
+            return grids.unpack(grids.get_grid(fmt), t, shape)
+        t = self.raw(name)
+        return t.float() if t.is_floating_point() else t
+
+
+def install_qlr(model: nn.Module, linears: dict) -> None:
+    """Swap each compressed nn.Linear of MODEL for an empty QLRLinear of the manifest's shape and rank."""
+    for name, e in linears.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        out, in_ = e["shape"]
+        qlr = QLRLinear(in_, out, e["rank"], e["q_format"] is not None, old.bias is not None, device="meta")
+        setattr(parent, child, qlr)
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the transformers model of an artifact with QLRLinear modules; returns (model, manifest)."""
+    from transformers import AutoConfig
+
+    from lrdeploy.compressor.model import load_full
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise LrdError(f"cannot read {path / 'config.json'}: {e}") from None
+    get = ArtifactTensors(path, manifest, device)
+    model = load_full(config, get, device, replace=lambda m: install_qlr(m, manifest["linears"]))
+    return model, manifest
+
+
+def artifact_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise LrdError(f"cannot load the tokenizer in {path}: {e}") from None

@@ -1,0 +1,232 @@
+"""The `lrdeploy` command line: a thin layer over the compressor, exporters and runtime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lrdeploy.errors import LrdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress LLMs into W ~ Q + L·R (low-precision backbone plus low-rank factors) and deploy them.",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+        transient=True,
+    )
+
+
+@app.command()
+def compress(
+    source: str = typer.Argument(..., help="HF directory, hub id, .gguf file, or 'smollm2' (the bundled model)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    method: str = typer.Option("caldera", help="caldera | ldlq | lowrank | rtn."),
+    q_format: str = typer.Option("q2_k", help="Grid of the backbone Q: q2_k | q3_k | q4_k | q4_0 | q8_0."),
+    rank: int | None = typer.Option(None, help="Rank of L·R (default: caldera 32, lowrank 64, others 0)."),
+    lr_format: str | None = typer.Option(None, help="Grid of L and R: f16 | q8_0 | q4_0 (default: caldera q4_0)."),
+    iters: int = typer.Option(2, help="CALDERA outer iterations."),
+    lplr_iters: int = typer.Option(2, help="Inner L/R iterations per outer iteration."),
+    calib: str | None = typer.Option(None, help="Calibration text: .txt, .jsonl, or a datasets name (default: "
+                                        "CPython's pydoc topics, always installed)."),
+    calib_range: str | None = typer.Option(None, help="Part of the calibration text to use, as fractions 'a:b'."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
+    seq_len: int = typer.Option(512, help="Calibration sequence length."),
+    seed: int = typer.Option(0, help="Seed for the calibration sample."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    inputs: str = typer.Option("student", help="Which hidden states feed H: student (compressed so far) | teacher."),
+    target: str = typer.Option("gguf", help="Format constraints to respect: gguf (rows fit blocks) | onnx | any."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="Per-tensor Q format override NAME=FMT, "
+                                          "e.g. down_proj=q3_k (substring of the linear's name; repeatable)."),
+    no_whiten: bool = typer.Option(False, "--no-whiten", help="lowrank: plain SVD instead of the H-whitened fit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT or discard an unfinished run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    """Compress SOURCE layer by layer into an artifact (manifest + safetensors)."""
+    from lrdeploy.compressor.driver import LINEARS, CompressOptions
+    from lrdeploy.compressor.driver import compress as run
+    from lrdeploy.compressor.sources import open_source
+
+    opts = CompressOptions(
+        method=method, q_format=q_format, rank=rank, lr_format=lr_format, iters=iters, lplr_iters=lplr_iters,
+        calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
+        device=device, inputs=inputs, target=target, whiten=not no_whiten,
+        tensor_types=_pairs(tensor_type, "--tensor-type"),
+    )
+    opts.resolved()
+    src = open_source(source)
+    with _progress(quiet or as_json) as bar:
+        task = bar.add_task("compressing", total=src.n_layers * len(LINEARS))
+        try:
+            result = run(src, opts, output, resume=resume, force=force,
+                         progress=lambda d: bar.update(task, advance=1, description=d))
+        except KeyboardInterrupt:
+            bar.stop()
+            again = " ".join(a for a in sys.argv[1:] if a != "--force")
+            err.print(f"interrupted; finished layers are kept. Resume with: lrdeploy {again} --resume")
+            raise typer.Exit(130) from None
+    summary = result.manifest["summary"]
+    if as_json:
+        print(json.dumps({"output": str(output), **summary, "timings": result.manifest["timings"]}))
+        return
+    _print_summary(result.manifest)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise LrdError(f"{flag} expects NAME=VALUE, got '{item}'")
+        pairs[key] = value
+    return pairs
+
+
+def _print_summary(manifest: dict) -> None:
+    s = manifest["summary"]
+    t = Table(title=f"{manifest['method']} -> bpw {s['bpw']:.3f}")
+    t.add_column("linear")
+    t.add_column("rel. H-error", justify="right")
+    for k, v in s["error_by_type"].items():
+        t.add_row(k, f"{v:.4f}")
+    out.print(t)
+    out.print(
+        f"bpw {s['bpw']:.3f} over {s['linear_params']:,} linear weights ({s['linear_bytes']:,} bytes), "
+        f"{s['fallbacks']} of {s['linears']} tensors fell back, "
+        f"compress time {manifest['timings']['compress_seconds']:.1f} s"
+    )
+
+
+BACKENDS = ("torch", "llamacpp", "onnxruntime")
+
+
+@app.command("eval")
+def eval_(
+    source: str = typer.Argument(..., help="Artifact, model source (HF dir, hub id, .gguf, smollm2), or an export "
+                                 "directory (llamacpp: model.gguf [+ adapter.gguf]; onnxruntime: model.onnx)."),
+    text: str | None = typer.Option(None, help="Eval text: .txt, .jsonl or datasets name (default: pydoc)."),
+    text_range: str | None = typer.Option(None, help="Part of the text to use, as fractions 'a:b'."),
+    ctx: int = typer.Option(2048, help="Window length in tokens."),
+    windows: int | None = typer.Option(None, help="Score at most this many windows."),
+    backend: str = typer.Option("torch", help="torch | llamacpp | onnxruntime."),
+    lora: Path | None = typer.Option(None, help="llamacpp: a LoRA adapter GGUF to apply to SOURCE (.gguf)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    """Perplexity of a model, artifact or export (non-overlapping ctx windows, every predicted token scored)."""
+    from lrdeploy.compressor.text import eval_windows, load_text, tokenize
+    from lrdeploy.runtime.backends import open_backend
+    from lrdeploy.runtime.eval import perplexity
+
+    if ctx < 2:
+        raise LrdError("--ctx must be at least 2")
+    if backend not in BACKENDS:
+        raise LrdError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    model = open_backend(source, backend, device=device, lora=lora, n_ctx=ctx)
+    ids = tokenize(model.tokenizer, load_text(text, text_range))
+    wins = eval_windows(ids, ctx, windows)
+    with _progress(quiet or as_json) as bar:
+        task = bar.add_task("evaluating", total=len(wins))
+        res = perplexity(model.logits, wins, lambda: bar.update(task, advance=1))
+    row = {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "windows": res.windows, "ctx": res.ctx,
+           "bpw": model.bpw, "backend": backend, "protocol": res.protocol, "source": source}
+    if as_json:
+        print(json.dumps(row))
+    else:
+        out.print(f"perplexity {res.ppl:.4f} over {res.tokens:,} tokens ({res.windows} windows of {ctx}, {backend})"
+                  + (f", bpw {model.bpw:.3f}" if model.bpw is not None else ""))
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="Artifact directory, or a model source for an uncompressed baseline."),
+    fmt: str = typer.Option(..., "--format", help="gguf | onnx."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory to write."),
+    dtype: str | None = typer.Option(None, help="Float type of the uncompressed tensors: gguf f32|f16 "
+                                        "(default f16); onnx fp32|fp16 (default fp32)."),
+    merge: bool = typer.Option(False, "--merge", help="gguf: one file with Q + L·R requantized (no LoRA)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
+    as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
+) -> None:
+    """Export an artifact (or an uncompressed model) to GGUF (base + LoRA adapter) or ONNX (split Q + L·R)."""
+    if fmt == "gguf":
+        from lrdeploy.exporters.gguf import export_gguf
+
+        summary = export_gguf(source, output, dtype=dtype or "f16", merge=merge, force=force)
+    elif fmt == "onnx":
+        from lrdeploy.exporters.onnx import export_onnx
+
+        if merge:
+            raise LrdError("--merge applies to --format gguf only")
+        summary = export_onnx(source, output, dtype=dtype or "fp32", force=force)
+    else:
+        raise LrdError(f"unknown export format '{fmt}'; choose gguf or onnx")
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        out.print(summary.get("message") or json.dumps(summary, indent=1))
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .gguf file or an artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List a GGUF's (or an artifact's) tensors with their types, bytes and bpw."""
+    from lrdeploy.runtime.inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        print(json.dumps(info))
+        return
+    t = Table(title=f"{path}: {info['tensor_count']} tensors, {info['bytes']:,} bytes, bpw {info['bpw']:.3f}")
+    for col in ("name", "type", "shape", "bytes", "bpw"):
+        t.add_column(col, justify="right" if col in ("bytes", "bpw") else "left")
+    for row in info["tensors"]:
+        t.add_row(row["name"], row["type"], "x".join(map(str, row["shape"])), f"{row['bytes']:,}", f"{row['bpw']:.3f}")
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LrdError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random models of real llama-family shapes, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from random_model import make_random_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """2 blocks, hidden 256, ffn 512, GQA 4/2: every dim a multiple of 256, so all K-quants fit per row."""
+    return make_random_model(tmp_path_factory.mktemp("tiny") / "llama", layers=2, tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """qwen2 carries q/k/v biases."""
+    return make_random_model(tmp_path_factory.mktemp("tiny") / "qwen2", arch="qwen2", layers=2, tie=True)
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    """Real text: the shared WikiText-2 file when present, else the embedded default."""
+    return str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `lrdeploy ARGS` in-process; returns (exit code, stdout, stderr)."""
+    from lrdeploy.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        old = sys.argv
+        sys.argv = ["lrdeploy", *map(str, args)]
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.argv = old
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def smol_artifact(tmp_path_factory, calib_text) -> Path:
+    """SmolLM2-135M compressed with the default method and target (caldera, q2_k, gguf), kept cheap for CI."""
+    from lrdeploy.compressor.driver import CompressOptions, compress
+    from lrdeploy.compressor.sources import open_source
+
+    out = tmp_path_factory.mktemp("smol") / "caldera"
+    opts = CompressOptions(calib=calib_text, calib_range="0:0.5", calib_tokens=2048, seq_len=256, iters=1,
+                           lplr_iters=1, device="cpu")
+    compress(open_source("smollm2"), opts, out)
+    return out

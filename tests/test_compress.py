@@ -1,0 +1,207 @@
+"""The streaming compressor end to end on tiny random models: artifact, loader, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lrdeploy.artifact import QLRLinear, load_artifact, read_manifest
+from lrdeploy.compressor import grids
+from lrdeploy.compressor.driver import CompressOptions, compress
+from lrdeploy.compressor.sources import open_source
+
+FAST = ["--calib-tokens", "2048", "--seq-len", "128", "--iters", "2", "--lplr-iters", "1", "-q"]
+
+
+def test_compress_caldera_artifact_roundtrip(tiny_llama, calib_text, tmp_path, cli):
+    out = tmp_path / "art"
+    code, stdout, stderr = cli("compress", tiny_llama, "-o", out, "--calib", calib_text, *FAST, "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    m = read_manifest(out)
+    assert m["method"] == "caldera" and m["options"]["q_format"] == "q2_k"
+    assert len(m["linears"]) == 2 * 7
+    e = m["linears"]["model.layers.0.mlp.down_proj"]
+    assert e["q_format"] == "q2_k" and e["rank"] == 32 and e["lr_format"] == "q4_0" and e["fallback"] is None
+    # bpw is recomputed from the stored bytes: Q (q2_k) + L, R (q4_0), scales included
+    params = sum(v["shape"][0] * v["shape"][1] for v in m["linears"].values())
+    expected_bytes = 0
+    for v in m["linears"].values():
+        out_, in_ = v["shape"]
+        expected_bytes += out_ * in_ * 84 // 256 + (out_ * 32 + 32 * in_) * 18 // 32
+    assert m["summary"]["linear_bytes"] == expected_bytes
+    assert summary["bpw"] == pytest.approx(8 * expected_bytes / params)
+    assert all(0 <= v["error"] < 0.5 for v in m["linears"].values())
+    assert m["files"]["model.safetensors"]["sha256"]
+    assert not (tmp_path / "art.partial").exists()
+
+    model, _ = load_artifact(out)
+    layer = model.model.layers[1].mlp.down_proj
+    assert isinstance(layer, QLRLinear)
+    src = open_source(str(tiny_llama))
+    W = src.tensor("model.layers.1.mlp.down_proj.weight")
+    W_hat = layer.q + layer.lora_l @ layer.lora_r
+    rel = ((W_hat - W).norm() / W.norm()).item()
+    assert rel < 0.5
+    ids = torch.randint(0, 1000, (1, 16))
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_qlr_forward_is_q_plus_lr(tiny_llama, calib_text, tmp_path):
+    out = tmp_path / "art"
+    compress(open_source(str(tiny_llama)), CompressOptions(calib=calib_text, calib_tokens=1024, seq_len=128,
+                                                          iters=1, lplr_iters=1), out)
+    model, manifest = load_artifact(out)
+    m = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 256)
+    assert torch.allclose(m(x), x @ m.q.T + (x @ m.lora_r.T) @ m.lora_l.T, atol=1e-5)
+    # the dense Q is exactly the ggml blocks decoded by gguf-py
+    import gguf
+
+    from lrdeploy.artifact import ArtifactTensors
+
+    raw = ArtifactTensors(out, manifest).raw("model.layers.0.self_attn.q_proj.q")
+    ref = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType.Q2_K).reshape(256, 256)
+    assert torch.equal(torch.from_numpy(ref), m.q)
+
+
+@pytest.mark.parametrize("method,extra", [("rtn", []), ("ldlq", ["--q-format", "q3_k"]),
+                                          ("lowrank", ["--rank", "64"])])
+def test_methods_and_qwen2_bias(tiny_qwen2, calib_text, tmp_path, cli, method, extra):
+    out = tmp_path / method
+    code, _, err = cli("compress", tiny_qwen2, "-o", out, "--method", method, "--calib", calib_text, *FAST, *extra)
+    assert code == 0, err
+    model, m = load_artifact(out)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and torch.equal(
+        q.bias, open_source(str(tiny_qwen2)).tensor("model.layers.0.self_attn.q_proj.bias"))
+    if method == "lowrank":
+        assert q.q is None and q.rank == 64
+    else:
+        assert q.rank == 0 and q.q is not None
+
+
+def test_ldlq_beats_rtn_on_model(tiny_llama, calib_text, tmp_path):
+    errs = {}
+    for method in ("rtn", "ldlq"):
+        o = CompressOptions(method=method, calib=calib_text, calib_tokens=2048, seq_len=128)
+        errs[method] = compress(open_source(str(tiny_llama)), o, tmp_path / method).manifest["linears"]
+    for name in errs["rtn"]:
+        assert errs["ldlq"][name]["error"] <= errs["rtn"][name]["error"] * 1.001, name
+
+
+def _tensors_bytes(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, calib_text):
+    """Kill a real `lrdeploy compress` after its first finished block, resume it, compare every tensor byte."""
+    from random_model import make_random_model
+
+    model = make_random_model(tmp_path / "m", layers=5)
+    args = ["compress", str(model), "--calib", calib_text, "--calib-tokens", "2048", "--seq-len", "128",
+            "--iters", "1", "--lplr-iters", "1", "-q", "--device", "cpu"]
+    exe = [sys.executable, "-m", "lrdeploy.cli"]
+    subprocess.run(exe + args + ["-o", str(tmp_path / "full")], check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(exe + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = out.with_name("killed.partial") / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text())["layers_done"] >= 1:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["layers_done"]
+    assert 1 <= done < 5 and not out.exists()
+
+    again = subprocess.run(exe + args + ["-o", str(out)], capture_output=True, text=True)
+    assert again.returncode != 0 and "--resume" in again.stderr  # refuses to clobber unfinished work
+    subprocess.run(exe + args + ["-o", str(out), "--resume"], check=True, capture_output=True)
+    assert _tensors_bytes(out) == _tensors_bytes(tmp_path / "full")
+
+
+def test_interrupt_then_resume_in_process(tiny_llama, calib_text, tmp_path):
+    o = CompressOptions(calib=calib_text, calib_tokens=1024, seq_len=128, iters=1, lplr_iters=1, device="cpu")
+    src = open_source(str(tiny_llama))
+    compress(src, o, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, o, tmp_path / "part", stop_after=1)
+    compress(src, o, tmp_path / "part", resume=True)
+    assert _tensors_bytes(tmp_path / "part") == _tensors_bytes(tmp_path / "full")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--rank", "256"], "is not below min(out, in)"),
+        (["--rank", "0"], "--rank must be positive"),
+        (["--q-format", "q9_k"], "unknown format 'q9_k'"),
+        (["--lr-format", "q4_0", "--rank", "40"], "multiple of 32"),
+        (["--method", "svd"], "unknown method 'svd'"),
+        (["--calib", "/nonexistent/calib.txt"], "no such file"),
+    ],
+)
+def test_bad_options_one_line_error(tiny_llama, tmp_path, cli, args, message):
+    code, _, err = cli("compress", tiny_llama, "-o", tmp_path / "o", "--calib-tokens", "1024", *args)
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_sources(tmp_path, cli):
+    code, _, err = cli("compress", tmp_path / "nope", "-o", tmp_path / "o")
+    assert code != 0 and "no such file" in err
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = cli("compress", tmp_path / "gpt2", "-o", tmp_path / "o")
+    assert code != 0 and "unsupported architecture 'gpt2'" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("eval", tmp_path / "empty")
+    assert code != 0 and "not a model directory" in err
+
+
+def test_existing_output_is_refused_and_untouched(tiny_llama, tmp_path, cli):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("compress", tiny_llama, "-o", out)
+    assert code != 0 and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_empty_calibration_text(tiny_llama, tmp_path, cli):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = cli("compress", tiny_llama, "-o", tmp_path / "o", "--calib", empty)
+    assert code != 0 and "is empty" in err
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    code, _, err = cli("compress", tiny_llama, "-o", tmp_path / "o", "--calib", short)
+    assert code != 0 and "too short" in err
+
+
+def test_gguf_target_falls_back_per_tensor():
+    from lrdeploy.compressor.driver import plan_linear
+
+    o = CompressOptions().resolved()
+    p = plan_linear("x", (1536, 576), o)
+    assert p.q_format == "q4_0" and "576" in p.fallback
+    assert plan_linear("x", (576, 1536), o).q_format == "q2_k"
+    o_any = CompressOptions(target="any").resolved()
+    assert plan_linear("x", (1536, 576), o_any).q_format == "q2_k"
+    assert grids.fits(grids.get_grid("q2_k"), (1536, 576), per_row=False) is None

@@ -1,0 +1,105 @@
+"""Exactness of the per-linear math on random matrices with a known H."""
+
+import pytest
+import torch
+
+from lrdeploy.compressor import decompose as dec
+from lrdeploy.compressor import grids
+
+
+def correlated_h(n: int, seed: int) -> torch.Tensor:
+    """H of inputs with strongly correlated, unequal-scale features (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n)
+    scale = torch.logspace(-1, 1, n)[torch.randperm(n, generator=g)]
+    X = torch.randn(4 * n, n, generator=g) @ mix * scale
+    return X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q4_k", "q4_0", "q8_0"])
+def test_ldlq_error_at_most_rtn(fmt):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 512, generator=g) * 0.02
+    H = correlated_h(512, 2)
+    fac = dec.hessian_factor(H)
+    grid = grids.get_grid(fmt)
+    q_ldlq = dec.ldlq(W, fac, grid)
+    q_rtn = dec.rtn(W, grid, torch.diagonal(fac.H))
+    e_ldlq, e_rtn = dec.rel_error(q_ldlq.values, W, H), dec.rel_error(q_rtn.values, W, H)
+    assert e_ldlq <= e_rtn
+    assert e_ldlq < 0.9 * e_rtn, (e_ldlq, e_rtn)  # correlated inputs: error feedback must pay off clearly
+
+
+@pytest.mark.parametrize("fmt", ["q2_k", "q4_0"])
+def test_ldlq_values_are_its_bytes(fmt):
+    """What LDLQ computes with is exactly what its packed blocks decode to."""
+    W = torch.randn(32, 512) * 0.05
+    grid = grids.get_grid(fmt)
+    q = dec.ldlq(W, dec.hessian_factor(correlated_h(512, 3)), grid)
+    assert torch.equal(grids.unpack(grid, q.raw, W.shape), q.values)
+
+
+def test_ldlq_flattened_layout_rows_not_multiple_of_256():
+    """576-wide rows (SmolLM2): q2_k super-blocks straddle rows, still exact and better than RTN."""
+    W = torch.randn(48, 576) * 0.02
+    H = correlated_h(576, 4)
+    grid = grids.get_grid("q2_k")
+    q = dec.ldlq(W, dec.hessian_factor(H), grid)
+    assert torch.equal(grids.unpack(grid, q.raw, W.shape), q.values)
+    assert dec.rel_error(q.values, W, H) < dec.rel_error(dec.rtn(W, grid, torch.diagonal(H)).values, W, H)
+
+
+def test_whitened_lowrank_equals_closed_form():
+    """L·R must equal trunc_r(A·H^½)·H^-½ computed independently with the symmetric square root."""
+    torch.manual_seed(5)
+    A = torch.randn(96, 128, dtype=torch.float64)
+    H = correlated_h(128, 6).double()
+    fac = dec.hessian_factor(H, damp=0.0)
+    rank = 12
+    L, R = dec.whitened_lowrank(A.float(), fac, rank)
+    evals, V = torch.linalg.eigh(fac.H.double())
+    root = V @ torch.diag(evals.sqrt()) @ V.T
+    inv_root = V @ torch.diag(evals.rsqrt()) @ V.T
+    U, s, Vh = torch.linalg.svd(A @ root)
+    expected = (U[:, :rank] * s[:rank]) @ Vh[:rank] @ inv_root
+    got = (L.double() @ R.double())
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
+    # its H-error is the energy of the discarded singular values: the optimum
+    err = dec.h_error(got - A, fac.H.double())
+    assert err == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-3)
+
+
+def test_whitened_beats_plain_svd_in_h_norm():
+    torch.manual_seed(7)
+    A = torch.randn(64, 128)
+    H = correlated_h(128, 8)
+    fac = dec.hessian_factor(H)
+    Lw, Rw = dec.whitened_lowrank(A, fac, 16)
+    Ls, Rs = dec.svd_lowrank(A, 16)
+    assert dec.h_error(Lw @ Rw - A, fac.H) < dec.h_error(Ls @ Rs - A, fac.H)
+
+
+@pytest.mark.parametrize("lr_format", ["f16", "q8_0", "q4_0"])
+def test_caldera_best_error_never_increases(lr_format):
+    torch.manual_seed(9)
+    # a weight with low-rank structure plus noise, as in trained layers
+    W = (torch.randn(128, 32) @ torch.randn(32, 256)) * 0.01 + torch.randn(128, 256) * 0.01
+    H = correlated_h(256, 10)
+    fac = dec.hessian_factor(H)
+    d = dec.caldera(W, fac, grids.get_grid("q2_k"), 32, lr_format, iters=4, lplr_iters=2)
+    assert len(d.history) == 4
+    assert all(b <= a for a, b in zip(d.history, d.history[1:], strict=False))
+    assert d.error == d.history[-1]
+    ldlq_only = dec.rel_error(dec.ldlq(W, fac, grids.get_grid("q2_k")).values, W, H)
+    assert d.error < ldlq_only
+    assert dec.rel_error(d.values(tuple(W.shape)), W, fac.H) == pytest.approx(d.error, rel=1e-5)
+
+
+def test_lplr_quantized_factors_decode_from_their_bytes():
+    torch.manual_seed(11)
+    A = torch.randn(96, 256) * 0.02
+    fac = dec.hessian_factor(correlated_h(256, 12))
+    lr = dec.lplr(A, fac, 32, "q8_0", iters=2)
+    grid = grids.get_grid("q8_0")
+    assert torch.equal(grids.unpack(grid, lr.L.raw, (96, 32)), lr.L.values)
+    assert torch.equal(grids.unpack(grid, lr.R.raw, (32, 256)), lr.R.values)
