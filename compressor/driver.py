@@ -12,7 +12,7 @@ import copy
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,17 +162,14 @@ class _Stop(Exception):
 class HCollector:
     """Accumulates XᵀX over calibration batches from a forward pre-hook."""
 
-    def __init__(self, dim: int, device: torch.device, stop: bool):
+    def __init__(self, dim: int, device: torch.device):
         self.sum = torch.zeros(dim, dim, device=device, dtype=torch.float32)
         self.n = 0
-        self.stop = stop
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         self.sum.addmm_(x.T, x)
         self.n += x.shape[0]
-        if self.stop:
-            raise _Stop
 
     @property
     def H(self) -> torch.Tensor:
@@ -185,26 +182,72 @@ def run_block(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> torch
         return torch.cat([block(x[i : i + batch], **ctx) for i in range(0, len(x), batch)])
 
 
-def collect_h(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, ctx: dict, batch: int,
-              stop: bool) -> dict[str, torch.Tensor]:
-    """H for the inputs of NAMES (one per distinct input group), stopping the forward early when allowed."""
+def collect_h(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, ctx: dict,
+              batch: int) -> dict[str, torch.Tensor]:
+    """H for the inputs of NAMES in one forward pass of BLOCK over all calibration batches."""
     hooks, collectors = [], {}
     for name in names:
         module = block.get_submodule(name)
-        c = HCollector(module.in_features, x.device, stop)
+        c = HCollector(module.in_features, x.device)
         collectors[name] = c
         hooks.append(module.register_forward_pre_hook(c))
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                try:
-                    block(x[i : i + batch], **ctx)
-                except _Stop:
-                    pass
+                block(x[i : i + batch], **ctx)
     finally:
         for h in hooks:
             h.remove()
     return {name: c.H for name, c in collectors.items()}
+
+
+def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterator[torch.Tensor]:
+    """H of each LINEAR_GROUPS entry in turn, from the block's own forward as its linears get compressed.
+
+    The caller swaps a group's compressed linears into BLOCK before asking for the next H. Each stage reuses the
+    activations of the one before (llama-family block: x + o(attn(norm x)), then + down(act(gate g) * up g)), so
+    attention runs once per block instead of once per group.
+    """
+    parts = range(0, len(x), batch)
+    with torch.no_grad():
+        yield _h_of(block.input_layernorm(x[i : i + batch]) for i in parts)
+        attn_in = [collect_input(block.self_attn, "o_proj", block.input_layernorm(x[i : i + batch]), ctx)
+                   for i in parts]
+        yield _h_of(attn_in)
+        h1 = [x[i : i + batch] + block.self_attn.o_proj(a) for i, a in zip(parts, attn_in, strict=True)]
+        del attn_in
+        g = [block.post_attention_layernorm(h) for h in h1]
+        yield _h_of(g)
+        mlp = block.mlp
+        yield _h_of(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t) for t in g)
+
+
+def _h_of(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """XᵀX/n over activation chunks (…, d), accumulated in float32."""
+    total, n = None, 0
+    for t in chunks:
+        t = t.reshape(-1, t.shape[-1]).float()
+        total = t.T @ t if total is None else total.addmm_(t.T, t)
+        n += t.shape[0]
+    return total / max(n, 1)
+
+
+def collect_input(module: nn.Module, child: str, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """The input that MODULE's submodule CHILD receives when MODULE runs on X; the forward stops there."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.get_submodule(child).register_forward_pre_hook(hook)
+    try:
+        module(hidden_states=x, **ctx)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def _weights(block: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -369,12 +412,12 @@ def _compress_block(
     entries: dict[str, LinearEntry] = {}
     if teacher_x is not None:  # teacher inputs: every H comes from one pass of the original block
         firsts = tuple(g[0] for g in LINEAR_GROUPS)
-        hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size, stop=False)
+        hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size)
+        stages = iter([hs[name] for name in firsts])
+    else:  # student inputs: each H sees the already-compressed linears before it
+        stages = staged_h(student, student_x, ctx, o.batch_size)
     for group in LINEAR_GROUPS:
-        if teacher_x is None:  # student inputs: H sees the already-compressed linears before it
-            H = collect_h(student, group[:1], student_x, ctx, o.batch_size, stop=True)[group[0]]
-        else:
-            H = hs[group[0]]
+        H = next(stages)
         fac = dec.hessian_factor(H, o.damp)
         for name in group:
             full = prefix + name

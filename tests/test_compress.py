@@ -173,6 +173,9 @@ def test_bad_sources(tmp_path, cli):
     (tmp_path / "empty").mkdir()
     code, _, err = cli("eval", tmp_path / "empty")
     assert code != 0 and "not a model directory" in err
+    code, _, err = cli("compress", "someorg/somemodel", "-o", tmp_path / "o")  # HF_HUB_OFFLINE=1 in tests
+    assert code != 0 and "cannot fetch 'someorg/somemodel' from the hub" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_existing_output_is_refused_and_untouched(tiny_llama, tmp_path, cli):
@@ -205,3 +208,15 @@ def test_gguf_target_falls_back_per_tensor():
     o_any = CompressOptions(target="any").resolved()
     assert plan_linear("x", (1536, 576), o_any).q_format == "q2_k"
     assert grids.fits(grids.get_grid("q2_k"), (1536, 576), per_row=False) is None
+
+
+def test_teacher_inputs_give_their_own_h(tiny_llama, calib_text, tmp_path):
+    """--inputs teacher takes H from the original model's hidden states: a different, still valid artifact."""
+    src = open_source(str(tiny_llama))
+    base = dict(method="ldlq", calib=calib_text, calib_tokens=1024, seq_len=128)
+    student = compress(src, CompressOptions(**base), tmp_path / "s").manifest["linears"]
+    teacher = compress(src, CompressOptions(inputs="teacher", **base), tmp_path / "t").manifest["linears"]
+    first = "model.layers.0.self_attn.q_proj"  # block 0 sees the same inputs either way
+    assert teacher[first]["error"] == pytest.approx(student[first]["error"], rel=1e-4)
+    later = "model.layers.1.mlp.down_proj"
+    assert teacher[later]["error"] != student[later]["error"]
