@@ -27,21 +27,31 @@ class HessianFactor:
 
 
 def hessian_factor(H: Tensor, damp: float = 0.01) -> HessianFactor:
-    """Damp H by damp·mean(diag H) (dead inputs get a unit diagonal) and factor it."""
-    H = H.double().clone()
+    """Damp H by damp·mean(diag H) (dead inputs get a unit diagonal) and factor it, in float32.
+
+    float32 keeps 11008-wide layers fast on CPU; if rounding leaves H not positive definite the damping grows
+    tenfold until it is.
+    """
+    H = H.float().clone()
     dead = torch.diagonal(H) <= 0
     H[dead, dead] = 1.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    S = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(S)
-    U = torch.linalg.cholesky(Hinv, upper=True)
-    return HessianFactor(H.float(), S.float(), U.float())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean = torch.diagonal(H).mean()
+    for _ in range(6):
+        Hd = H + damp * mean * eye
+        S, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(S), upper=True)
+            if int(info) == 0:
+                return HessianFactor(Hd, S, U)
+        damp = max(damp * 10, 1e-6)
+    raise ValueError("H is not positive definite even after heavy damping")
 
 
 def h_error(D: Tensor, H: Tensor) -> float:
     """‖D‖²_H = tr(D H Dᵀ)."""
-    D = D.double()
-    return float(((D @ H.double()) * D).sum())
+    D = D.float()
+    return float(((D @ H.float()) * D).sum(dtype=torch.float64))
 
 
 def rel_error(W_hat: Tensor, W: Tensor, H: Tensor) -> float:

@@ -37,6 +37,7 @@ __all__ = [
     "fits",
     "get_grid",
     "pack",
+    "parse_blocks",
     "quantize_rtn",
     "round_codes",
     "round_values",
@@ -508,7 +509,7 @@ def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None) -> 
     return torch.cat([p.to(torch.uint8) for p in parts], -1).reshape(-1)
 
 
-def _parse(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def parse_blocks(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Packed bytes -> (codes [n_blocks, block] int32, scale [n_blocks], offset [n_blocks]) as ggml computes them."""
     b = raw.to(torch.uint8).reshape(-1, grid.type_size)
     n = b.shape[0]
@@ -549,7 +550,7 @@ def _parse(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def unpack(grid: Grid, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """Our own dequantizer of ggml bytes (flattened layout), bit-identical to gguf-py's."""
-    codes, scale, offset = _parse(grid, raw)
+    codes, scale, offset = parse_blocks(grid, raw)
     return dequant(grid, codes, scale, offset).reshape(shape)
 
 

@@ -3,8 +3,9 @@
     .venv/bin/python tools/streaming_rss.py [--hidden 1024 --ffn 2816 --method rtn]
 
 Each model is written as one safetensors shard per block (like a large hub checkpoint), then compressed by
-`lrdeploy compress` in a child process whose peak RSS (ru_maxrss from wait4) is read when it exits. Exits non-zero
-when the 32-layer peak exceeds 1.3x the 8-layer one.
+`lrdeploy compress` in a child process whose peak RSS (ru_maxrss from wait4) is read when it exits. This parent
+never imports torch: Linux carries the parent's high-water mark into a vfork+exec child's ru_maxrss. Exits
+non-zero when the 32-layer peak exceeds 1.3x the 8-layer one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_model import make_random_model  # noqa: E402
+TOOLS = Path(__file__).resolve().parent
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
@@ -42,8 +42,10 @@ def main() -> None:
     rows = []
     try:
         for n in map(int, a.layers.split(",")):
-            model = make_random_model(work / f"m{n}", hidden=a.hidden, layers=n, ffn=a.ffn, heads=a.heads,
-                                      kv_heads=a.heads, shard_layers=True)
+            model = work / f"m{n}"
+            subprocess.run([sys.executable, str(TOOLS / "random_model.py"), str(model), "--hidden", str(a.hidden),
+                            "--layers", str(n), "--ffn", str(a.ffn), "--heads", str(a.heads), "--kv-heads",
+                            str(a.heads), "--shard-layers"], check=True, capture_output=True)
             size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
             cmd = [sys.executable, "-m", "lrdeploy.cli", "compress", str(model), "-o", str(work / f"o{n}"),
                    "--method", a.method, "--calib-tokens", "2048", "--seq-len", "256", "--device", "cpu", "-q"]

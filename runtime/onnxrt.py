@@ -1,0 +1,203 @@
+"""onnxruntime backend: perplexity logits and greedy generation through an exported decoder and its KV cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lrdeploy.errors import LrdError
+
+MODEL_FILE = "model.onnx"
+META_FILE = "lrdeploy_onnx.json"
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for DEVICE: auto picks CUDA only where a GPU is actually present."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available and (Path("/dev/nvidiactl").exists() or torch.cuda.is_available())
+    if device == "cpu" or (device == "auto" and not has_cuda):
+        return ["CPUExecutionProvider"]
+    if device in ("auto", "cuda"):
+        if not has_cuda:
+            raise LrdError("--device cuda was asked for but onnxruntime has no usable CUDAExecutionProvider here")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise LrdError(f"unknown device '{device}'; choose auto, cpu or cuda")
+
+
+@dataclass
+class DecoderIO:
+    """What the runtime needs to know about an exported decoder's inputs, read from the session itself."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: type
+    has_position_ids: bool
+
+
+def check_decoder_io(inputs: list, outputs: list, where: object) -> DecoderIO:
+    """Validate the session's inputs/outputs against the export's contract; one clear line when they don't fit."""
+    names = {i.name: i for i in inputs}
+    out_names = {o.name for o in outputs}
+    missing = [n for n in ("input_ids", "attention_mask") if n not in names]
+    if "logits" not in out_names:
+        missing.append("output logits")
+    layers = sorted({int(m.group(1)) for n in names if (m := _PAST.match(n))})
+    if not layers:
+        missing.append("past_key_values.N.key/value")
+    if missing:
+        got = ", ".join(sorted(names)) or "none"
+        raise LrdError(f"{where} is not a decoder with a KV cache: missing {', '.join(missing)} (inputs: {got})")
+    n = len(layers)
+    if layers != list(range(n)):
+        raise LrdError(f"{where}: past_key_values layers are not numbered 0..{n - 1}")
+    for i in range(n):
+        for kind in ("key", "value"):
+            if f"past_key_values.{i}.{kind}" not in names or f"present.{i}.{kind}" not in out_names:
+                raise LrdError(f"{where}: layer {i} lacks past_key_values.{i}.{kind} or present.{i}.{kind}")
+    past = names["past_key_values.0.key"]
+    shape = past.shape
+    if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
+        raise LrdError(f"{where}: past_key_values.0.key has shape {shape}, expected [batch, kv_heads, past, head_dim]")
+    if past.type not in _TYPES:
+        raise LrdError(f"{where}: past_key_values.0.key is {past.type}, expected float or float16")
+    return DecoderIO(n, shape[1], shape[3], _TYPES[past.type], "position_ids" in names)
+
+
+class OnnxDecoder:
+    """`.tokenizer`, `.logits(ids)` (empty cache), `.generate(ids, n_new)` (greedy, cache step by step), `.bpw`."""
+
+    def __init__(self, session: Any, tokenizer: Any, io: DecoderIO, bpw: float | None, device: str):
+        self.session, self.tokenizer, self.io, self.bpw, self.device = session, tokenizer, io, bpw, device
+        self._outputs = [o.name for o in session.get_outputs()]
+
+    def _feed(self, ids: np.ndarray, start: int) -> dict[str, np.ndarray]:
+        n = ids.shape[-1]
+        feed = {"input_ids": ids.reshape(1, n).astype(np.int64),
+                "attention_mask": np.ones((1, start + n), np.int64)}
+        if self.io.has_position_ids:
+            feed["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None]
+        return feed
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        z = np.zeros((1, self.io.kv_heads, 0, self.io.head_dim), self.io.dtype)
+        return {f"past_key_values.{i}.{k}": z for i in range(self.io.layers) for k in ("key", "value")}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [n, vocab] of one sequence from an empty cache (float32)."""
+        feed = {**self._feed(np.asarray(ids.cpu(), np.int64), 0), **self.empty_cache()}
+        (out,) = self.session.run(["logits"], feed)
+        return torch.from_numpy(np.asarray(out[0], np.float32))
+
+    def step_logits(self, ids: torch.Tensor, prefill: int | None = None) -> torch.Tensor:
+        """Logits of every position of IDS, computed by a prefill of PREFILL tokens and then one token at a time."""
+        ids_np = np.asarray(ids.cpu(), np.int64)
+        prefill = len(ids_np) if prefill is None else prefill
+        rows, cache = [], self.empty_cache()
+        start = 0
+        for chunk in [ids_np[:prefill]] + [ids_np[i : i + 1] for i in range(prefill, len(ids_np))]:
+            logits, cache = self._run(chunk, start, cache)
+            rows.append(logits)
+            start += len(chunk)
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+
+    def _run(self, chunk: np.ndarray, start: int, cache: dict) -> tuple[np.ndarray, dict]:
+        outs = self.session.run(self._outputs, {**self._feed(chunk, start), **cache})
+        by_name = dict(zip(self._outputs, outs, strict=True))
+        new_cache = {f"past_key_values.{i}.{k}": by_name[f"present.{i}.{k}"]
+                     for i in range(self.io.layers) for k in ("key", "value")}
+        return by_name["logits"][0], new_cache
+
+    def generate(self, ids: torch.Tensor, n_new: int) -> list[int]:
+        """Greedy: prefill IDS, then feed back the argmax N_NEW−1 times through the KV cache (no stop at EOS)."""
+        if self.device == "cuda":
+            return self._generate_bound(np.asarray(ids.cpu(), np.int64), n_new)
+        chunk, start, cache = np.asarray(ids.cpu(), np.int64), 0, self.empty_cache()
+        out: list[int] = []
+        while len(out) < n_new:
+            logits, cache = self._run(chunk, start, cache)
+            start += len(chunk)
+            out.append(int(np.argmax(logits[-1])))
+            chunk = np.array([out[-1]], np.int64)
+        return out
+
+    def _generate_bound(self, ids: np.ndarray, n_new: int) -> list[int]:
+        """The same loop with IO binding: the cache stays on the GPU between steps."""
+        import onnxruntime as ort
+
+        cache = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in self.empty_cache().items()}
+        chunk, start, out = ids, 0, []
+        while len(out) < n_new:
+            binding = self.session.io_binding()
+            for k, v in self._feed(chunk, start).items():
+                binding.bind_cpu_input(k, v)
+            for k, v in cache.items():
+                binding.bind_ortvalue_input(k, v)
+            names = ["logits"] + [f"present.{i}.{k}" for i in range(self.io.layers) for k in ("key", "value")]
+            binding.bind_output("logits", "cpu")
+            for name in names[1:]:
+                binding.bind_output(name, "cuda", 0)
+            self.session.run_with_iobinding(binding)
+            values = dict(zip(names, binding.get_outputs(), strict=True))
+            cache = {f"past_key_values.{i}.{k}": values[f"present.{i}.{k}"]
+                     for i in range(self.io.layers) for k in ("key", "value")}
+            start += len(chunk)
+            out.append(int(np.argmax(values["logits"].numpy()[0, -1])))
+            chunk = np.array([out[-1]], np.int64)
+        return out
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def open_onnxruntime(path: Path, device: str = "auto", threads: int | None = None) -> OnnxDecoder:
+    """An export directory (or its model.onnx) opened in onnxruntime, with the tokenizer saved beside it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    model = path / MODEL_FILE if path.is_dir() else path
+    if not model.is_file():
+        raise LrdError(f"no ONNX model at {model}")
+    folder = model.parent
+    providers = providers_for(device)
+    try:
+        session = ort.InferenceSession(str(model), sess_options=session_options(threads), providers=providers)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LrdError(f"onnxruntime cannot load {model}: {first}") from None
+    io = check_decoder_io(session.get_inputs(), session.get_outputs(), model)
+    bpw = None
+    if (folder / META_FILE).is_file():
+        try:
+            bpw = json.loads((folder / META_FILE).read_text()).get("bpw")
+        except ValueError:
+            raise LrdError(f"{folder / META_FILE} is not valid JSON") from None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise LrdError(f"cannot load the tokenizer in {folder}: {e}") from None
+    used = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
+    return OnnxDecoder(session, tokenizer, io, bpw, used)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
