@@ -1,0 +1,201 @@
+"""llama.cpp through llama-cpp-python: the stock runtime an export must run on, behind the backend interface.
+
+Token ids come from the same HF tokenizer as the torch backend, so both score exactly the same windows; llama.cpp's
+own tokenizer is never involved in a comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lrdeploy.errors import LrdError
+
+BASE = "model.gguf"
+ADAPTER = "adapter.gguf"
+
+
+@dataclass
+class LlamaCppBackend:
+    """`.logits` and `.generate` on a llama.cpp context; every call starts from an empty KV cache."""
+
+    llm: Any
+    tokenizer: Any
+    n_ctx: int
+    bpw: float | None = None
+    model_path: Path | None = None
+    lora_path: Path | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    def _eval(self, ids: list[int]) -> None:
+        if len(ids) > self.n_ctx:
+            raise LrdError(f"{len(ids)} tokens do not fit llama.cpp's context of {self.n_ctx}; raise --ctx")
+        self.llm.reset()  # eval() then drops every cached position: a fresh context
+        self.llm.eval(ids)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position (n, vocab), float32."""
+        ids_list = [int(i) for i in ids.reshape(-1).tolist()]
+        self._eval(ids_list)
+        return torch.from_numpy(np.array(self.llm.scores[: len(ids_list)], dtype=np.float32))
+
+    def generate(self, ids: torch.Tensor, n_new: int) -> list[int]:
+        """Greedy continuation: the argmax of llama.cpp's logits, token by token."""
+        ids_list = [int(i) for i in ids.reshape(-1).tolist()]
+        if len(ids_list) + n_new > self.n_ctx:
+            raise LrdError(f"{len(ids_list)} + {n_new} tokens do not fit llama.cpp's context of {self.n_ctx}")
+        self._eval(ids_list)
+        new: list[int] = []
+        for _ in range(n_new):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            new.append(tok)
+            self.llm.eval([tok])
+        return new
+
+    def close(self) -> None:
+        if not self._closed:
+            self.llm.close()
+            self._closed = True
+
+
+def resolve(path: Path, lora: Path | None) -> tuple[Path, Path | None, Path | None]:
+    """(model .gguf, adapter or None, directory with the HF tokenizer files or None) for PATH."""
+    path = Path(path)
+    if not path.exists():
+        raise LrdError(f"no such file or directory: {path}")
+    if path.is_dir():
+        model = path / BASE
+        if not model.is_file():
+            raise LrdError(f"{path} is not a GGUF export: {BASE} is missing")
+        adapter = lora if lora is not None else (path / ADAPTER if (path / ADAPTER).is_file() else None)
+        tok_dir = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
+    else:
+        if path.suffix != ".gguf":
+            raise LrdError(f"{path} is not a .gguf file or a GGUF export directory")
+        model, adapter = path, lora
+        parent = path.parent  # a .gguf inside one of our exports: use the export's tokenizer files
+        ours = (parent / "export.json").is_file() and (parent / "tokenizer_config.json").is_file()
+        tok_dir = parent if ours else None
+    if adapter is not None and not Path(adapter).is_file():
+        raise LrdError(f"no such LoRA adapter: {adapter}")
+    return model, None if adapter is None else Path(adapter), tok_dir
+
+
+def _tokenizer(model: Path, tok_dir: Path | None):
+    if tok_dir is not None:
+        from lrdeploy.artifact import artifact_tokenizer
+
+        return artifact_tokenizer(tok_dir)
+    from lrdeploy.compressor.sources import open_source
+
+    return open_source(str(model)).tokenizer()
+
+
+def gpu_layers(device: str) -> int:
+    """-1 (all layers) on a GPU build when asked or available, else 0."""
+    import llama_cpp
+
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "cuda" and not gpu:
+        raise LrdError("--device cuda was asked for but this llama-cpp-python build has no GPU offload")
+    if device not in ("auto", "cpu", "cuda"):
+        raise LrdError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    return -1 if device == "cuda" or (device == "auto" and gpu) else 0
+
+
+@contextlib.contextmanager
+def captured_stderr(sink: list[str]) -> Iterator[None]:
+    """Route file descriptor 2 (llama.cpp's C-level logging) into SINK while loading: chatter hidden, errors kept."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", errors="replace"))
+
+
+def _last_error(log: str) -> str:
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+    return (errors or lines or [""])[-1]
+
+
+def load_llama(model: Path, lora: Path | None, n_ctx: int, device: str = "auto", n_threads: int | None = None,
+               **kwargs: Any) -> Any:
+    """A llama_cpp.Llama with logits for every position; load failures become one-line errors."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LrdError("the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
+    threads = n_threads or os.cpu_count() or 1
+    layers = gpu_layers(device)
+    log: list[str] = []
+    what = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
+    try:
+        with captured_stderr(log):
+            llm = llama_cpp.Llama(
+                model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
+                n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True, n_gpu_layers=layers,
+                n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs,
+            )
+    except (ValueError, RuntimeError) as e:
+        detail = _last_error("".join(log))
+        raise LrdError(f"llama.cpp cannot load {what}: {e}" + (f" ({detail})" if detail else "")) from None
+    # llama-cpp-python 0.3.x tests the adapter pointer with `is None`, but a failed load returns a NULL pointer
+    # object: the LoRA would be silently dropped. A NULL ctypes pointer is falsy, so check it here.
+    if lora is not None and not getattr(llm, "_lora_adapter", None):
+        llm.close()
+        raise LrdError(f"llama.cpp cannot load {what}: {adapter_problem(lora, model)}")
+    return llm
+
+
+def adapter_problem(lora: Path, model: Path) -> str:
+    """Why llama.cpp would reject LORA for MODEL, in words (its own message is not reliably printed)."""
+    import gguf
+
+    from lrdeploy.compressor.sources import read_gguf_index
+
+    try:
+        fields = gguf.GGUFReader(lora).fields
+    except Exception as e:  # gguf raises several types for broken files
+        return f"{lora} is not a readable GGUF ({e})"
+
+    def field(key: str) -> object:
+        return fields[key].contents() if key in fields else None
+
+    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+        return f"{lora} is not a LoRA adapter (general.type = {field('general.type')})"
+    arch, tensors = read_gguf_index(model)
+    if field("general.architecture") != arch:
+        return f"the adapter is for '{field('general.architecture')}', the model is '{arch}'"
+    _, parts = read_gguf_index(lora)
+    for name in parts:
+        base = name.removesuffix(".lora_a").removesuffix(".lora_b")
+        if base not in tensors:
+            return f"the model has no tensor {base} (wrong base model?)"
+    return "tensor shapes do not match the base model"
+
+
+def open_llamacpp(path: Path, lora: Path | None, n_ctx: int, device: str, **kwargs: Any) -> LlamaCppBackend:
+    """PATH is an export directory (model.gguf [+ adapter.gguf]) or a .gguf file with an optional LoRA."""
+    from lrdeploy.runtime.inspect import export_bpw
+
+    model, adapter, tok_dir = resolve(path, lora)
+    tokenizer = _tokenizer(model, tok_dir)
+    llm = load_llama(model, adapter, n_ctx, device, **kwargs)
+    return LlamaCppBackend(llm, tokenizer, n_ctx, export_bpw(model, adapter), model, adapter)
