@@ -404,8 +404,21 @@ def test_smollm2_export_metadata(smol_artifact, smol_export):
     assert gguf.GGMLQuantizationType(base["token_embd.weight"].qtype).name == "Q8_0"  # copied as the source stores it
 
 
+def _replay(logits: list[torch.Tensor]):
+    """A logits function that hands back precomputed logits in window order (each backend runs once)."""
+    it = iter(logits)
+    return lambda _ids: next(it)
+
+
 def test_smollm2_perplexity_and_greedy_match_torch(smol_artifact, smol_export):
-    """llama.cpp (base + adapter) vs the torch artifact: perplexity within 1%, same greedy tokens."""
+    """llama.cpp (base + adapter) vs the torch artifact: perplexity within 1%, logits close, same greedy tokens.
+
+    SmolLM2's activations have strong outliers, so llama.cpp's 8-bit activation rounding moves its logits more than
+    on the random models: stock llama.cpp on the unmodified Q4_1 SmolLM2 is ~3% RMS (of the logit std) and 95%
+    argmax agreement away from exact torch, and this export ~4% and 94% (q2_k ffn_down rounds its heavy-tailed input
+    per 256). Free-running greedy text therefore drifts apart at near-ties (top-2 margins ~0.1-0.3) for both, so the
+    16-token check uses prompts whose continuation is decisive (every top-2 margin > 2 logits here).
+    """
     from lrdeploy.runtime.backends import open_backend
 
     out, _ = smol_export
@@ -414,12 +427,16 @@ def test_smollm2_perplexity_and_greedy_match_torch(smol_artifact, smol_export):
     torch_model = open_backend(str(smol_artifact), "torch", device="cpu")
     llama = open_llamacpp(out, None, 256, "cpu")
     wins = eval_windows(tokenize(torch_model.tokenizer, text), 256, 4)
-    p_torch = perplexity(torch_model.logits, wins)
-    p_llama = perplexity(llama.logits, wins)
+    refs = [torch_model.logits(w) for w in wins]
+    gots = [llama.logits(w) for w in wins]
+    p_torch = perplexity(_replay(refs), wins)
+    p_llama = perplexity(_replay(gots), wins)
     assert abs(p_llama.ppl / p_torch.ppl - 1) < 0.01, (p_llama.ppl, p_torch.ppl)
     assert p_torch.ppl < 1000  # a working language model, not noise
+    dev = deviation(torch.cat(gots), torch.cat(refs))
+    assert dev["rms"] < 0.08 and dev["argmax"] > 0.9, dev
 
-    for prompt in ("The capital of France is", "def fibonacci(n):\n", "Once upon a time, there was a"):
+    for prompt in ("1, 2, 3, 4, 5, 6, 7, 8,", "10, 20, 30, 40, 50,", "20, 21, 22, 23, 24,"):
         ids = tokenize(torch_model.tokenizer, prompt)
         seq = ids.clone()
         for _ in range(16):
@@ -427,4 +444,3 @@ def test_smollm2_perplexity_and_greedy_match_torch(smol_artifact, smol_export):
             seq = torch.cat([seq, nxt[None]])
         assert llama.generate(ids, 16) == seq[len(ids):].tolist(), prompt
     llama.close()
-
