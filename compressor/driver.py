@@ -13,14 +13,16 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lrdeploy.artifact import FORMAT, MANIFEST, VERSION, WEIGHTS, LinearEntry, QLRLinear
+from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
+from lrdeploy.compressor import distill as dst
 from lrdeploy.compressor import grids
 from lrdeploy.compressor.model import (
     LINEAR_GROUPS,
@@ -41,6 +43,7 @@ INPUTS = ("student", "teacher")
 DEFAULT_RANK = {"caldera": 32, "lowrank": 64, "ldlq": 0, "rtn": 0}
 DEFAULT_LR_FORMAT = {"caldera": "q4_0", "lowrank": "f16", "ldlq": "f16", "rtn": "f16"}
 FALLBACKS = ("q4_0", "q8_0")  # what a format falls back to when a tensor's rows don't fit it
+REFINES = ("none", "distill")
 
 
 @dataclass
@@ -65,13 +68,29 @@ class CompressOptions:
     whiten: bool = True
     batch_size: int = 8
     tensor_types: dict[str, str] = field(default_factory=dict)  # name substring -> q_format, like llama-quantize
+    allow_fallback: bool = True  # False: a tensor whose rows don't fit q_format is an error, not a q4_0/q8_0 tensor
+    refine: str = "none"  # none | distill (Lillama block-level feature distillation of L and R)
+    distill_inputs: str = "teacher+student"
+    distill_lr: float = 1e-4
+    distill_steps: int = 64  # optimizer steps per block
+    distill_epochs: float | None = None  # if set, steps = epochs · sequences / batch
+    distill_batch: int = 4  # sequences per step
+    target_params: float | None = None  # parameter reduction in % of all the model's parameters
+    target_bpw: float | None = None  # bits per weight of Q + L + R over the compressed linears
+    allocation: str = "uniform"  # uniform | bottom | top | error: how ranks meet the target
+
+    @property
+    def targeted(self) -> bool:
+        return self.target_params is not None or self.target_bpw is not None
 
     def resolved(self) -> CompressOptions:
         """Fill method-dependent defaults and check every value, before any work starts."""
         o = copy.copy(self)
         if o.method not in dec.METHODS:
             raise LrdError(f"unknown method '{o.method}'; choose one of {', '.join(dec.METHODS)}")
-        if o.rank is None:
+        _check_budget(o)
+        _check_refine(o)
+        if o.rank is None and not o.targeted:
             o.rank = DEFAULT_RANK[o.method]
         if o.lr_format is None:
             o.lr_format = DEFAULT_LR_FORMAT[o.method]
@@ -83,7 +102,7 @@ class CompressOptions:
             raise LrdError(f"unknown format '{o.lr_format}' for L and R; choose one of {', '.join(dec.LR_FORMATS)}")
         if o.method in ("rtn", "ldlq") and o.rank:
             raise LrdError(f"method {o.method} has no low-rank part: leave --rank out (or use caldera)")
-        if o.method in ("caldera", "lowrank") and o.rank <= 0:
+        if o.method in ("caldera", "lowrank") and not o.targeted and o.rank <= 0:
             raise LrdError(f"--rank must be positive for method {o.method}, got {o.rank}")
         if o.rank and o.lr_format != "f16" and o.rank % 32 and o.target == "gguf":
             raise LrdError(f"--lr-format {o.lr_format} needs --rank to be a multiple of 32 for GGUF (got {o.rank}); "
@@ -105,6 +124,9 @@ class CompressOptions:
                 raise LrdError(f"--{name.replace('_', '-')} must be at least 1")
         return o
 
+    def distill_modes(self) -> list[str]:
+        return self.distill_inputs.split("+") if self.refine == "distill" else []
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,6 +136,45 @@ class CompressOptions:
         d = asdict(self)
         d.pop("device")  # where it ran doesn't change what it computes
         return d
+
+
+def _check_budget(o: CompressOptions) -> None:
+    if o.allocation not in alloc.ALLOCATIONS:
+        raise LrdError(f"unknown --allocation '{o.allocation}'; choose one of {', '.join(alloc.ALLOCATIONS)}")
+    if not o.targeted:
+        if o.allocation != "uniform":
+            raise LrdError("--allocation needs a size target: --target-params or --target-bpw")
+        return
+    if o.target_params is not None and o.target_bpw is not None:
+        raise LrdError("pass --target-params or --target-bpw, not both")
+    if o.rank is not None:
+        raise LrdError("--rank and a size target exclude each other: the target decides the ranks")
+    if o.target_params is not None:
+        if o.method != "lowrank":
+            raise LrdError("--target-params needs --method lowrank (Q keeps every parameter); use --target-bpw")
+        if not 0 < o.target_params < 100:
+            raise LrdError(f"--target-params is a reduction in percent, between 0 and 100; got {o.target_params}")
+    if o.target_bpw is not None:
+        if o.method not in ("lowrank", "caldera"):
+            raise LrdError(f"--target-bpw sets ranks, so it needs --method lowrank or caldera, not {o.method}")
+        if not o.target_bpw > 0:
+            raise LrdError(f"--target-bpw must be positive, got {o.target_bpw}")
+
+
+def _check_refine(o: CompressOptions) -> None:
+    if o.refine not in REFINES:
+        raise LrdError(f"unknown --refine '{o.refine}'; choose one of {', '.join(REFINES)}")
+    if o.distill_inputs not in dst.INPUT_MODES:
+        raise LrdError(f"unknown --distill-inputs '{o.distill_inputs}'; choose one of {', '.join(dst.INPUT_MODES)}")
+    if o.refine == "distill" and o.method not in ("lowrank", "caldera"):
+        raise LrdError(f"--refine distill trains L and R, so it needs --method lowrank or caldera, not {o.method}")
+    if not o.distill_lr > 0:
+        raise LrdError(f"--distill-lr must be positive, got {o.distill_lr}")
+    for name in ("distill_steps", "distill_batch"):
+        if getattr(o, name) < 1:
+            raise LrdError(f"--{name.replace('_', '-')} must be at least 1")
+    if o.distill_epochs is not None and not o.distill_epochs > 0:
+        raise LrdError(f"--distill-epochs must be positive, got {o.distill_epochs}")
 
 
 @dataclass(frozen=True)
@@ -126,11 +187,15 @@ class LinearPlan:
     fallback: str | None
 
 
-def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions) -> LinearPlan:
-    """Apply the target's row constraints to one linear, falling back per tensor the way llama-quantize does."""
+def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int | None = None) -> LinearPlan:
+    """Apply the target's row constraints to one linear, falling back per tensor the way llama-quantize does.
+
+    RANK overrides o.rank (a size target allocates one rank per linear).
+    """
     out, in_ = shape
-    if o.rank and o.rank >= min(out, in_):
-        raise LrdError(f"--rank {o.rank} is not below min(out, in) = {min(out, in_)} for {name} {out}x{in_}")
+    rank = o.rank if rank is None else rank
+    if rank and rank >= min(out, in_):
+        raise LrdError(f"--rank {rank} is not below min(out, in) = {min(out, in_)} for {name} {out}x{in_}")
     per_row = o.target == "gguf"
     q_format, fallback = o.q_format, None
     if q_format is not None:
@@ -139,6 +204,9 @@ def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions) -> Linear
                 q_format = fmt
     if q_format is not None:
         reason = grids.fits(grids.get_grid(q_format), shape, per_row=per_row)
+        if reason is not None and not o.allow_fallback:
+            raise LrdError(f"{name} {out}x{in_}: {reason} ({o.target}), and --no-fallback forbids falling back; "
+                           "pick a format whose blocks fit, or --target onnx|any")
         if reason is not None:
             for alt in FALLBACKS:
                 if grids.fits(grids.get_grid(alt), shape, per_row=per_row) is None:
@@ -147,12 +215,12 @@ def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions) -> Linear
                     break
             else:
                 raise LrdError(f"{name} {out}x{in_}: {reason}, and no fallback format fits")
-    if o.rank and o.lr_format != "f16":
-        for side, shp in (("R", (o.rank, in_)), ("L", (out, o.rank))):
+    if rank and o.lr_format != "f16":
+        for side, shp in (("R", (rank, in_)), ("L", (out, rank))):
             reason = grids.fits(grids.get_grid(o.lr_format), shp, per_row=per_row)
             if reason is not None:
                 raise LrdError(f"{name}: {side} in {o.lr_format}: {reason}")
-    return LinearPlan(q_format, o.rank, o.lr_format, fallback)
+    return LinearPlan(q_format, rank, o.lr_format, fallback)
 
 
 class _Stop(Exception):
@@ -306,16 +374,32 @@ def compress(
     config = source.config
     model = skeleton(config)
     n_layers = config.num_hidden_layers
-    plans = {}
+    model_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as Lillama counts
+    shapes: dict[str, tuple[int, int]] = {}
     for i in range(n_layers):
         block = model.model.layers[i]
         for name in LINEARS:
             m = block.get_submodule(name)
-            plans[layer_prefix(i) + name] = plan_linear(layer_prefix(i) + name, (m.out_features, m.in_features), o)
+            shapes[layer_prefix(i) + name] = (m.out_features, m.in_features)
+    step = rank_step(o)
+    plans = {k: plan_linear(k, shp, o, rank=step if o.targeted else None) for k, shp in shapes.items()}
+    early = None
+    if o.targeted:  # an unreachable target fails here, before any file is written
+        early = allocation_record(o if o.allocation != "error" else replace(o, allocation="uniform"), plans, shapes,
+                                  model_params, None)
 
     tokenizer = source.tokenizer()
     ids = tokenize(tokenizer, load_text(o.calib, o.calib_range))
+    if len(ids) and int(ids.max()) >= config.vocab_size:
+        raise LrdError(f"the tokenizer of {source.spec} yields id {int(ids.max())}, but the model has only "
+                       f"{config.vocab_size} embeddings: tokenizer and weights do not belong together")
     calib = calibration_ids(ids, o.calib_tokens, o.seq_len, o.seed).to(device)
+    if resume and (tmp / MANIFEST).is_file():  # stopped while finishing: merged tensors and manifest are complete
+        import json
+
+        if json.loads((tmp / MANIFEST).read_text()).get("options") != o.to_json():
+            raise LrdError(f"cannot resume {tmp}: it was started with other options; pass --force to start over")
+        return CompressResult(out, _finalize(tmp, out))
     state = _start_or_resume(tmp, state_file, o, resume, force)
     if state["layers_done"] == 0 and not (tmp / "base.safetensors").exists():
         source.save_meta(tmp)
@@ -329,18 +413,39 @@ def compress(
     del embed
     rot = rotary(model, device)
     ctx = block_context(model, x[: o.batch_size], rot)
-    teacher_x = x if o.inputs == "teacher" else None
-    student_x = x if o.inputs == "student" else None
+    if o.targeted:
+        if "allocation" not in state:  # decided once; a resumed run reads it back
+            if o.allocation == "error":
+                curves = _error_curves(model, plans, o, x, ctx, get, device)
+                early = allocation_record(o, plans, shapes, model_params, curves)
+            state["allocation"] = early
+            atomic_write_json(state_file, state)
+        ranks = state["allocation"]["ranks"]
+        plans = {k: plan_linear(k, shp, o, rank=ranks[k]) for k, shp in shapes.items()}
+    modes = o.distill_modes()
+    teacher_x = x if o.inputs == "teacher" or modes else None
+    student_x = x if o.inputs == "student" or "student" in modes else None
+    dctx = block_context(model, x[: min(o.distill_batch, len(x))], rot) if modes else None
+    steps = o.distill_steps if o.distill_epochs is None else dst.steps_for(o.distill_epochs, len(x), o.distill_batch)
 
+    y = None
     for i in range(n_layers):
         prefix = layer_prefix(i)
         teacher = materialize(model.model.layers[i], prefix, get, device)
         shard = tmp / "layers" / f"{i:04d}.safetensors"
         if i >= state["layers_done"]:
             t0 = time.perf_counter()
-            tensors, entries = _compress_block(teacher, prefix, plans, o, student_x, teacher_x, ctx, progress)
+            tensors, entries, parts = _compress_block(
+                teacher, prefix, plans, o, student_x if o.inputs == "student" else None,
+                teacher_x if o.inputs == "teacher" else None, ctx, progress)
+            records = {k: v.to_json() for k, v in entries.items()}
+            if modes:
+                y = run_block(teacher, teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
+                report = _distill_block(teacher, prefix, parts, tensors, records, o, teacher_x, student_x, y, ctx,
+                                        dctx, steps, i)
+                state.setdefault("distill", []).append(report)
             _save_shard(shard, tensors, teacher, prefix)
-            state["linears"].update({k: v.to_json() for k, v in entries.items()})
+            state["linears"].update(records)
             state["layers_done"] = i + 1
             state["seconds"] += time.perf_counter() - t0
             atomic_write_json(state_file, state)
@@ -351,7 +456,9 @@ def compress(
             student = _student_block(teacher, prefix, shard, state["linears"], device)
             student_x = run_block(student, student_x, ctx, o.batch_size)
             del student
-        if teacher_x is not None:
+        if y is not None:
+            teacher_x, y = y, None
+        elif teacher_x is not None:
             teacher_x = run_block(teacher, teacher_x, ctx, o.batch_size)
         model.model.layers[i] = None  # drop the block: peak memory must not grow with depth
         del teacher
@@ -405,11 +512,15 @@ def _compress_block(
     teacher_x: torch.Tensor | None,
     ctx: dict,
     progress: Progress | None,
-) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry]]:
-    """Compress the 7 linears of one block, group by group, with H from student or teacher inputs."""
+) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry], dict[str, tuple[dec.Decomposition, torch.Tensor]]]:
+    """Compress the 7 linears of one block, group by group, with H from student or teacher inputs.
+
+    Also returns each linear's decomposition and damped H, which distillation starts from and re-measures with.
+    """
     student = copy.deepcopy(teacher)
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, LinearEntry] = {}
+    parts: dict[str, tuple[dec.Decomposition, torch.Tensor]] = {}
     if teacher_x is not None:  # teacher inputs: every H comes from one pass of the original block
         firsts = tuple(g[0] for g in LINEAR_GROUPS)
         hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size)
@@ -441,9 +552,124 @@ def _compress_block(
                 bytes=linear_bytes(part, full),
             )
             _swap(student, name, d, bias)
+            parts[name] = (d, fac.H)
             if progress:
                 progress(f"layer {prefix.split('.')[2]} {name}")
-    return tensors, entries
+    return tensors, entries, parts
+
+
+def rank_step(o: CompressOptions) -> int:
+    """Allocated ranks are multiples of this: quantized L has rows of length r that must hold whole 32-blocks."""
+    return 8 if o.lr_format == "f16" else 32
+
+
+def _bytes_per_weight(fmt: str) -> float:
+    if fmt == "f16":
+        return 2.0
+    g = grids.get_grid(fmt)
+    return g.type_size / g.super_block
+
+
+def allocation_record(o: CompressOptions, plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]],
+                      model_params: int, curves: dict[str, torch.Tensor] | None) -> dict:
+    """Ranks per linear for the size target, and what the target and the result are (for the manifest)."""
+    step = rank_step(o)
+    linear_params = sum(a * b for a, b in shapes.values())
+    slots = []
+    for name, (out, in_) in shapes.items():
+        layer = int(name.split(".")[2])
+        if o.target_params is not None:
+            slots.append(alloc.Slot(name, layer, (out, in_), 0.0, float(out + in_), step))
+        else:
+            q = plans[name].q_format
+            fixed = 0.0 if q is None else out * in_ * _bytes_per_weight(q)
+            slots.append(alloc.Slot(name, layer, (out, in_), fixed, (out + in_) * _bytes_per_weight(o.lr_format),
+                                    step))
+    if o.target_params is not None:
+        budget = model_params * (1 - o.target_params / 100) - (model_params - linear_params)
+    else:
+        budget = o.target_bpw * linear_params / 8
+    ranks = alloc.allocate(slots, budget, o.allocation, curves)
+    cost = alloc.total_cost(slots, ranks)
+    rec: dict = {"mode": o.allocation, "model_params": model_params, "linear_params": linear_params,
+                 "budget": budget, "cost": cost, "ranks": ranks}
+    if o.target_params is not None:
+        rec["target_params"] = o.target_params
+        rec["param_reduction"] = 100 * (1 - (model_params - linear_params + cost) / model_params)
+    else:
+        rec["target_bpw"] = o.target_bpw
+        rec["bpw"] = 8 * cost / linear_params
+    if curves is not None:
+        rec["predicted_error"] = sum(float(curves[k][r]) for k, r in ranks.items())
+    return rec
+
+
+def _error_curves(model: nn.Module, plans: dict[str, LinearPlan], o: CompressOptions, x: torch.Tensor, ctx: dict,
+                  get, device: torch.device) -> dict[str, torch.Tensor]:
+    """Relative H-error against rank for every linear, from one streaming pass of the teacher.
+
+    The curve is the whitened spectrum of what L·R must fit: W for lowrank, W − LDLQ(W) for caldera (its first
+    iteration). H comes from the teacher's hidden states whatever --inputs says: the student's don't exist yet.
+    """
+    curves: dict[str, torch.Tensor] = {}
+    firsts = tuple(g[0] for g in LINEAR_GROUPS)
+    for i in range(len(model.model.layers)):
+        prefix = layer_prefix(i)
+        block = materialize(model.model.layers[i], prefix, get, device)
+        hs = collect_h(block, firsts, x, ctx, o.batch_size)
+        for group in LINEAR_GROUPS:
+            fac = dec.hessian_factor(hs[group[0]], o.damp)
+            for name in group:
+                W, _ = _weights(block, name)
+                W = W.float()
+                plan = plans[prefix + name]
+                A = W if plan.q_format is None else W - dec.ldlq(W, fac, grids.get_grid(plan.q_format)).values
+                sigma = torch.linalg.svdvals(A @ fac.S)
+                curves[prefix + name] = alloc.error_curve(sigma, dec.h_error(W, fac.H)).cpu()
+        x = run_block(block, x, ctx, o.batch_size)
+        block.to_empty(device="meta")  # free it: the main pass materializes it again
+    return curves
+
+
+def _distill_block(teacher: nn.Module, prefix: str, parts: dict[str, tuple[dec.Decomposition, torch.Tensor]],
+                   tensors: dict[str, torch.Tensor], records: dict[str, dict], o: CompressOptions,
+                   teacher_x: torch.Tensor, student_x: torch.Tensor | None, y: torch.Tensor, ctx: dict, dctx: dict,
+                   steps: int, layer: int) -> dict:
+    """Train the block's L and R against the teacher block, put them back on their grid, update TENSORS/RECORDS.
+
+    The targets Y are the teacher block's outputs on the teacher's inputs. After training, L and R go back to
+    lr_format the plain way (f16 cast, or RTN weighted by the diagonal of the H each one's error sees); the losses
+    recorded after training are those of the stored, re-quantized block.
+    """
+    t0 = time.perf_counter()
+    modes = o.distill_modes()
+    factors = {}
+    for name, (d, _) in parts.items():
+        bias = _weights(teacher, name)[1]
+        factors[name] = (None if d.Q is None else d.Q.values, d.LR.L.values, d.LR.R.values, bias)
+    student = dst.trainable_block(teacher, factors)
+    inputs = {"teacher": teacher_x, "student": student_x}
+    before = {m: dst.block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
+    history = dst.train_block(student, [inputs[m] for m in modes], y, dctx, steps, o.distill_lr, o.distill_batch,
+                              seed=o.seed * 1_000_003 + layer)
+    for name, (d, H) in parts.items():
+        full = prefix + name
+        m = student.get_submodule(name)
+        W, bias = _weights(teacher, name)
+        R = dec.quantize_factor(m.R.detach(), o.lr_format, torch.diagonal(H))
+        L = dec.quantize_factor(m.L.detach(), o.lr_format, torch.diagonal(R.values @ H @ R.values.T))
+        new = dec.Decomposition(d.Q, dec.LowRank(L, R), 0.0)
+        new.error = dec.rel_error(new.values(tuple(W.shape), W.device), W, H)
+        with torch.no_grad():
+            m.L.copy_(L.values)
+            m.R.copy_(R.values)
+        part = linear_tensors(full, new, bias)
+        tensors.update(part)
+        records[full].update(error=new.error, error_init=d.error, bytes=linear_bytes(part, full))
+    after = {m: dst.block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
+    return {"layer": layer, "steps": steps, "loss_before": before, "loss_after": after,
+            "train_loss_first": history[0] if history else None, "train_loss_last": history[-1] if history else None,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _swap(block: nn.Module, name: str, d: dec.Decomposition, bias: torch.Tensor | None) -> None:
@@ -511,6 +737,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
         },
         "linears": linears,
         "summary": summarize(linears),
+        **_refine_records(o, state),
         "timings": {
             "compress_seconds": round(state["seconds"], 2),
             "wall_seconds_this_run": round(seconds, 2),
@@ -521,12 +748,32 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
         "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
     }
     atomic_write_json(tmp / MANIFEST, manifest)
-    for shard in shards:
-        shard.unlink()
-    (tmp / "layers").rmdir()
-    (tmp / "state.json").unlink()
+    return _finalize(tmp, out)
+
+
+def _finalize(tmp: Path, out: Path) -> dict:
+    """Drop the shards and the run state once the manifest is written, then move TMP to OUT (safe to repeat)."""
+    import json
+
+    (tmp / "base.safetensors").unlink(missing_ok=True)
+    if (tmp / "layers").is_dir():
+        shutil.rmtree(tmp / "layers")
+    (tmp / "state.json").unlink(missing_ok=True)
+    manifest = json.loads((tmp / MANIFEST).read_text())
     replace_dir(tmp, out)
     return manifest
+
+
+def _refine_records(o: CompressOptions, state: dict) -> dict:
+    """The manifest's allocation and distillation sections, when the run had them."""
+    rec: dict = {}
+    if "allocation" in state:
+        rec["allocation"] = state["allocation"]
+    if o.refine == "distill":
+        rec["distill"] = {"inputs": o.distill_inputs, "lr": o.distill_lr, "batch": o.distill_batch,
+                          "loss": "mean over tokens of mean|y - y_hat| - log sigmoid(cos(y, y_hat))",
+                          "blocks": state.get("distill", [])}
+    return rec
 
 
 def summarize(linears: dict) -> dict:
@@ -546,3 +793,21 @@ def summarize(linears: dict) -> dict:
         "linears": len(linears),
     }
 
+
+
+def tidy_partial(out: Path) -> int:
+    """After a failed write: drop half-written *.tmp files from OUT.partial, keep finished layers; returns how many.
+
+    Every finished file was renamed into place whole, so only the *.tmp siblings can be damaged.
+    """
+    import json
+
+    tmp = Path(out).with_name(Path(out).name + ".partial")
+    if not tmp.is_dir():
+        return 0
+    for stray in tmp.rglob("*.tmp"):
+        stray.unlink(missing_ok=True)
+    try:
+        return int(json.loads((tmp / "state.json").read_text())["layers_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0

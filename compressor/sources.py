@@ -100,8 +100,12 @@ class ModelSource:
             return self._gguf_tensor(name)
         from safetensors import safe_open
 
-        with safe_open(str(self._index[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        file = self._index[name]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises several types for corrupt files
+            raise LrdError(f"cannot read {name} from {file}: {e}") from None
 
     def _gguf_tensor(self, name: str) -> torch.Tensor:
         import gguf
@@ -195,6 +199,9 @@ def _open_hf(spec: str, path: Path) -> ModelSource:
         from lrdeploy.io import read_safetensors_header
 
         header, _ = read_safetensors_header(path / "model.safetensors")
+        if any(n.endswith((".q", ".lora_l", ".lora_r")) for n in header):
+            raise LrdError(f"{path} holds lrdeploy artifact tensors but its lrdeploy.json is missing; restore the "
+                           "manifest or re-create the artifact")
         index = dict.fromkeys(header, path / "model.safetensors")
     else:
         raise LrdError(f"{path} has no model.safetensors (only safetensors weights are supported)")
@@ -240,6 +247,7 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 def read_gguf_index(path: Path) -> tuple[str, dict[str, GGUFTensor]]:
     """Parse a GGUF header: (general.architecture, tensor index). Much faster than gguf.GGUFReader on big vocabs."""
+    import math
     import struct
 
     import gguf
@@ -298,16 +306,18 @@ def read_gguf_index(path: Path) -> tuple[str, dict[str, GGUFTensor]]:
             ndim = take("<I")
             ne = [take("<Q") for _ in range(ndim)]
             infos.append((name, ne, take("<I"), take("<Q")))
-        align = int(meta.get("general.alignment") or 32)
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+            raise ValueError(f"bad general.alignment {align!r}")
         start = pos + (-pos % align)
         tensors = {}
         for name, ne, qtype, off in infos:
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            nbytes = int(np.prod(ne)) // block * type_size
+            nbytes = math.prod(ne) // block * type_size
             if start + off + nbytes > len(data):
                 raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
             tensors[name] = GGUFTensor(path, qtype, tuple(int(x) for x in reversed(ne)), start + off, nbytes)
-    except (ValueError, KeyError, struct.error, OSError) as e:
+    except (ValueError, KeyError, struct.error, OSError, RecursionError, OverflowError) as e:
         raise LrdError(f"cannot read GGUF {path}: {e}") from None
     return str(meta.get("general.architecture", "?")), tensors
 

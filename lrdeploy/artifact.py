@@ -90,7 +90,9 @@ def read_manifest(path: Path) -> dict:
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")
     try:
         manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise LrdError(f"cannot read {file}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LrdError(f"{file} is not valid JSON: {e}") from None
     return validate_manifest(manifest, file)
 
@@ -113,10 +115,52 @@ def validate_manifest(manifest: object, where: object = MANIFEST) -> dict:
             and isinstance(e.get("rank"), int)
             and e["rank"] >= 0
             and (e.get("q_format") is None or isinstance(e.get("q_format"), str))
+            and (e.get("lr_format") is None or isinstance(e.get("lr_format"), str))
         )
         if not ok:
             raise LrdError(f"{where}: bad entry for linear {name}")
+    summary = manifest.get("summary")
+    if summary is not None and not (isinstance(summary, dict) and _is_number(summary.get("bpw"))):
+        raise LrdError(f"{where}: bad 'summary' (no numeric bpw)")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise LrdError(f"{where}: bad 'files' table")
+    for name, f in files.items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise LrdError(f"{where}: 'files' names {name!r}, which is not a plain file name")
+        if not (isinstance(f, dict) and isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int)
+                and not isinstance(f.get("bytes"), bool)):
+            raise LrdError(f"{where}: bad 'files' entry for {name}")
     return manifest
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def verify_files(path: str | Path, manifest: dict) -> list[str]:
+    """Check every file the manifest records against its size and sha256; returns the names checked.
+
+    Size first (cheap, and the usual damage: a truncated copy), then the digest. Artifacts from before digests were
+    recorded have no 'files' table and pass unchecked.
+    """
+    from lrdeploy.io import sha256_file
+
+    path = Path(path)
+    checked = []
+    for name, rec in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise LrdError(f"{file} is missing (the manifest records it); re-create the artifact")
+        size = file.stat().st_size
+        if size != rec["bytes"]:
+            raise LrdError(f"{file} has {size} bytes, the manifest records {rec['bytes']} (truncated or replaced?); "
+                           "re-create the artifact")
+        if sha256_file(file) != rec["sha256"]:
+            raise LrdError(f"{file} does not match its sha256 in the manifest (corrupt or modified); "
+                           "re-create the artifact")
+        checked.append(name)
+    return checked
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -132,9 +176,12 @@ class ArtifactTensors:
         from lrdeploy.io import read_safetensors_header
 
         self.path, self.manifest, self.device = Path(path), manifest, device
+        own = weights is None
         weights = weights or self.path / WEIGHTS
         if not weights.is_file():
             raise LrdError(f"{self.path} is missing {WEIGHTS}")
+        if own:  # the artifact's own tensor file: check it against the manifest's digest once per load
+            verify_files(self.path, manifest)
         self.header, _ = read_safetensors_header(weights)
         try:
             self._file = safe_open(str(weights), framework="pt", device=str(device))
@@ -188,7 +235,11 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     except Exception as e:
         raise LrdError(f"cannot read {path / 'config.json'}: {e}") from None
     get = ArtifactTensors(path, manifest, device)
-    model = load_full(config, get, device, replace=lambda m: install_qlr(m, manifest["linears"]))
+    try:
+        model = load_full(config, get, device, replace=lambda m: install_qlr(m, manifest["linears"]))
+    except (RuntimeError, ValueError, AttributeError, KeyError) as e:  # manifest, config and tensors disagree
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LrdError(f"{path}: manifest, config.json and {WEIGHTS} do not fit together: {first}") from None
     return model, manifest
 
 

@@ -57,6 +57,22 @@ def compress(
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Per-tensor Q format override NAME=FMT, "
                                           "e.g. down_proj=q3_k (substring of the linear's name; repeatable)."),
     no_whiten: bool = typer.Option(False, "--no-whiten", help="lowrank: plain SVD instead of the H-whitened fit."),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail instead of falling back to q4_0/q8_0 where "
+                                     "a tensor's rows don't fit --q-format."),
+    refine: str = typer.Option("none", help="none | distill: train each block's L and R against the original block "
+                               "(Lillama feature distillation; lowrank, or caldera with Q frozen)."),
+    distill_inputs: str = typer.Option("teacher+student", help="Block inputs to distill on: teacher | student | "
+                                       "teacher+student (two backward passes, one step)."),
+    distill_lr: float = typer.Option(1e-4, help="AdamW learning rate for distillation."),
+    distill_steps: int = typer.Option(64, help="Optimizer steps per block."),
+    distill_epochs: float | None = typer.Option(None, help="Instead of --distill-steps: passes over the "
+                                                "calibration sequences per block."),
+    distill_batch: int = typer.Option(4, help="Calibration sequences per distillation step."),
+    target_params: float | None = typer.Option(None, help="lowrank: ranks that remove this % of ALL the model's "
+                                               "parameters (embeddings included)."),
+    target_bpw: float | None = typer.Option(None, help="lowrank|caldera: ranks that bring Q + L + R to this bpw."),
+    allocation: str = typer.Option("uniform", help="How ranks meet the target: uniform | bottom | top | error "
+                                   "(greedy on H-error removed per byte)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT or discard an unfinished run."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
@@ -70,8 +86,10 @@ def compress(
     opts = CompressOptions(
         method=method, q_format=q_format, rank=rank, lr_format=lr_format, iters=iters, lplr_iters=lplr_iters,
         calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
-        device=device, inputs=inputs, target=target, whiten=not no_whiten,
-        tensor_types=_pairs(tensor_type, "--tensor-type"),
+        device=device, inputs=inputs, target=target, whiten=not no_whiten, allow_fallback=not no_fallback,
+        tensor_types=_pairs(tensor_type, "--tensor-type"), refine=refine, distill_inputs=distill_inputs,
+        distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
+        target_params=target_params, target_bpw=target_bpw, allocation=allocation,
     )
     opts.resolved()
     src = open_source(source)
@@ -82,14 +100,32 @@ def compress(
                          progress=lambda d: bar.update(task, advance=1, description=d))
         except KeyboardInterrupt:
             bar.stop()
-            again = " ".join(a for a in sys.argv[1:] if a != "--force")
-            err.print(f"interrupted; finished layers are kept. Resume with: lrdeploy {again} --resume")
+            err.print(f"interrupted; finished layers are kept. Resume with: {_resume_command()}", soft_wrap=True)
             raise typer.Exit(130) from None
+        except OSError as e:  # a full disk or a failed write: what is finished stays in OUTPUT.partial
+            from lrdeploy.compressor.driver import tidy_partial
+
+            bar.stop()
+            done = tidy_partial(output)
+            raise LrdError(f"{_os_error(e)}; {done} finished layers are kept in {output}.partial; fix the problem, "
+                           f"then resume with: {_resume_command()}") from None
     summary = result.manifest["summary"]
     if as_json:
         print(json.dumps({"output": str(output), **summary, "timings": result.manifest["timings"]}))
         return
     _print_summary(result.manifest)
+
+
+def _resume_command() -> str:
+    """The command line that was run, with --resume instead of --force."""
+    args = [a for a in sys.argv[1:] if a not in ("--force", "--resume")]
+    return "lrdeploy " + " ".join(args) + " --resume"
+
+
+def _os_error(e: OSError) -> str:
+    """'cannot write FILE: No space left on device' rather than a traceback."""
+    what = f" {e.filename}" if e.filename else ""
+    return f"I/O error on{what}: {e.strerror or e}"
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -190,13 +226,15 @@ def export(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A .gguf file or an artifact directory."),
+    path: Path = typer.Argument(..., help="A .gguf or .onnx file, an export directory or an artifact directory."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every file against the sha256 its manifest "
+                                "records (artifacts) or the graph's consistency (ONNX)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List a GGUF's (or an artifact's) tensors with their types, bytes and bpw."""
+    """List a GGUF's, an ONNX model's or an artifact's tensors with their types, bytes and bpw."""
     from lrdeploy.runtime.inspect import inspect_path
 
-    info = inspect_path(path)
+    info = inspect_path(path, verify=verify)
     if as_json:
         print(json.dumps(info))
         return
@@ -206,11 +244,79 @@ def inspect(
     for row in info["tensors"]:
         t.add_row(row["name"], row["type"], "x".join(map(str, row["shape"])), f"{row['bytes']:,}", f"{row['bpw']:.3f}")
     out.print(t)
+    if verify:
+        out.print(f"verified: {', '.join(info.get('verified') or []) or 'nothing recorded to check'}")
+
+
+@app.command()
+def bench(
+    targets: list[str] = typer.Argument(..., help="Artifacts, GGUF export directories (or .gguf files) and ONNX "
+                                        "export directories."),
+    baseline: str = typer.Option(..., help="The uncompressed model (e.g. smollm2); exported once per backend."),
+    backend: str = typer.Option("auto", help="auto (from each target) | torch | onnxruntime | llamacpp."),
+    ctx: str = typer.Option("512,2048", help="Context lengths to measure, comma-separated."),
+    gen_tokens: int = typer.Option(32, help="Greedy tokens decoded at each ctx."),
+    memory_budget: str | None = typer.Option(None, help="Find the longest context that fits, e.g. 4GiB (RSS on "
+                                             "CPU, CUDA peak on GPU)."),
+    runs: int = typer.Option(3, help="Runs per model; medians are reported."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores)."),
+    ppl_text: str | None = typer.Option(None, "--ppl-text", help="Also measure perplexity on this text."),
+    ppl_range: str | None = typer.Option(None, help="Part of the perplexity text, as fractions 'a:b'."),
+    ppl_windows: int = typer.Option(8, help="Perplexity windows (512 tokens each)."),
+    report: Path | None = typer.Option(None, help="Write report.md, report.json and PNG plots here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+) -> None:
+    """Memory, maximum context and throughput of TARGETS against the uncompressed baseline."""
+    from lrdeploy.runtime.bench import BenchOptions, parse_bytes, parse_ctx, resolve_targets
+    from lrdeploy.runtime.bench import bench as run
+    from lrdeploy.runtime.bench_report import write_report
+
+    opts = BenchOptions(ctx=parse_ctx(ctx), gen_tokens=gen_tokens, runs=runs, device=device, threads=threads,
+                        memory_budget=parse_bytes(memory_budget) if memory_budget else None, ppl_text=ppl_text,
+                        ppl_range=ppl_range, ppl_windows=ppl_windows)
+    models = resolve_targets(targets, backend)
+    with _progress(quiet or as_json) as bar:
+        task = bar.add_task("benchmarking", total=None)
+        result = run(models, baseline, opts, progress=lambda d: bar.update(task, advance=1, description=d),
+                     total=lambda n: bar.update(task, total=n))
+    if report is not None:
+        write_report(result, report, "lrdeploy " + " ".join(sys.argv[1:]))
+    if as_json:
+        print(json.dumps(result))
+        return
+    _print_bench(result, report)
+
+
+def _print_bench(result: dict, report: Path | None) -> None:
+    mib = 1 << 20
+    t = Table(title="lrdeploy bench (medians; × = against the uncompressed model on the same backend)")
+    for col in ("model", "backend", "MiB", "RSS MiB", "prefill tok/s", "decode tok/s", "max ctx", "ppl"):
+        t.add_column(col, justify="left" if col in ("model", "backend") else "right")
+    for r in result["models"]:
+        v = r["vs_baseline"]
+        last = r["ctx"][-1]
+
+        def x(val: float | None) -> str:
+            return "" if val is None else f" {val:.2f}×"
+
+        t.add_row(r["label"], r["backend"], f"{r['bytes'] / mib:,.0f}{x(v['bytes'])}",
+                  f"{r['rss_after_load'] / mib:,.0f}{x(v['rss_after_load'])}",
+                  f"{last['prefill_tps']:,.0f}{x(v['prefill_tps'][-1])} @{last['ctx']}",
+                  f"{last['decode_tps']:,.1f}{x(v['decode_tps'][-1])} @{last['ctx']}",
+                  f"{r['max_ctx']['tokens']:,}{x(v['max_ctx'])}" if "max_ctx" in r else "",
+                  f"{r['ppl']:.2f}" if r.get("ppl") else "")
+    out.print(t)
+    if report is not None:
+        out.print(f"report: {report / 'report.md'}")
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # non-standalone click returns typer.Exit / Ctrl-C codes instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LrdError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
@@ -219,6 +325,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as e:  # the disk or the file system, not a bug: one line, like LrdError
+        err.print(f"error: {_os_error(e)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(LrdError.exit_code)
     except Exception as e:  # click usage errors come through here in non-standalone mode
         import click
 

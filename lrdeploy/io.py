@@ -47,13 +47,29 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             if n > size - 8:
                 raise ValueError("header length past end of file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+        _check_header(header)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise LrdError(f"corrupt safetensors file {path}: {e}") from None
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise LrdError(f"corrupt safetensors file {path}: truncated ({size} bytes, header needs {8 + n + end})")
     return header, 8 + n
+
+
+def _check_header(header: object) -> None:
+    """Every entry a tensor with a dtype, a shape and in-order offsets: damaged headers fail here, not deep inside."""
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+              and all(isinstance(x, int) and x >= 0 for x in v["shape"]) and isinstance(v.get("data_offsets"), list)
+              and len(v["data_offsets"]) == 2 and all(isinstance(x, int) and x >= 0 for x in v["data_offsets"])
+              and v["data_offsets"][0] <= v["data_offsets"][1])
+        if not ok:
+            raise ValueError(f"bad header entry for tensor {name}")
 
 
 def merge_safetensors(out: Path, shards: Iterable[Path], chunk: int = 1 << 24) -> None:

@@ -84,23 +84,82 @@ def _artifact_rows(path: Path) -> tuple[list[dict], dict]:
     return rows, manifest
 
 
-def inspect_path(path: Path) -> dict:
-    """Tensors of a .gguf file, an export directory (model.gguf [+ adapter.gguf]) or an artifact directory."""
-    from lrdeploy.artifact import is_artifact
+def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
+    """One row per initializer of an ONNX model (weights inline or external), from the protobuf only.
+
+    VERIFY also runs onnx's checker over the graph. A damaged file is one clear error: protobuf reports damage
+    with several exception types, so every failure to parse is caught here, at the file boundary.
+    """
+    import onnx
+    from onnx import helper
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError, RuntimeWarning-as-error, OSError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LrdError(f"cannot read ONNX {path}: {first}") from None
+    rows = []
+    for t in model.graph.initializer:
+        try:
+            type_ = onnx.TensorProto.DataType.Name(t.data_type).lower()
+        except ValueError:
+            raise LrdError(f"cannot read ONNX {path}: initializer {t.name} has unknown type {t.data_type}") from None
+        shape = tuple(int(d) for d in t.dims)
+        if any(d < 0 for d in shape):
+            raise LrdError(f"cannot read ONNX {path}: initializer {t.name} has a negative dimension {shape}")
+        external = {e.key: e.value for e in t.external_data}
+        if t.HasField("raw_data"):
+            nbytes = len(t.raw_data)
+        elif "length" in external and external["length"].isdigit():
+            nbytes = int(external["length"])
+        else:
+            try:
+                nbytes = math.prod(shape) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except (KeyError, TypeError, ValueError):
+                nbytes = 0
+        rows.append(_row(t.name, type_, shape, nbytes))
+    if verify:
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as e:  # ValidationError, and protobuf errors on what load let through
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LrdError(f"ONNX {path} does not validate: {first}") from None
+    return rows
+
+
+def inspect_path(path: Path, verify: bool = False) -> dict:
+    """Tensors of a .gguf or .onnx file, an export directory (GGUF or ONNX) or an artifact directory.
+
+    VERIFY checks an artifact's files against the sha256 its manifest records, and an ONNX graph with onnx's
+    checker; a GGUF's header is always checked (every tensor must lie inside the file).
+    """
+    from lrdeploy.artifact import MANIFEST, WEIGHTS, is_artifact, verify_files
 
     path = Path(path)
     if not path.exists():
         raise LrdError(f"no such file or directory: {path}")
     if path.is_file():
+        if path.suffix == ".onnx":
+            return _summary(onnx_tensors(path, verify), kind="onnx", file_bytes=path.stat().st_size,
+                            verified=[path.name] if verify else [])
         rows = gguf_tensors(path)
-        return _summary(rows, kind="gguf", file_bytes=path.stat().st_size, linear_bpw=linear_bpw(rows))
+        return _summary(rows, kind="gguf", file_bytes=path.stat().st_size, linear_bpw=linear_bpw(rows),
+                        verified=[path.name] if verify else [])
     if is_artifact(path):
         rows, manifest = _artifact_rows(path)
-        return _summary(rows, kind="artifact", linear_bpw=manifest.get("summary", {}).get("bpw"))
+        checked = verify_files(path, manifest) if verify else []
+        return _summary(rows, kind="artifact", linear_bpw=(manifest.get("summary") or {}).get("bpw"),
+                        verified=checked)
     model = path / "model.gguf"
     if model.is_file():
         files = [model] + [p for p in (path / "adapter.gguf",) if p.is_file()]
         rows = [row for f in files for row in gguf_tensors(f)]
         return _summary(rows, kind="gguf export", file_bytes=sum(f.stat().st_size for f in files),
-                        linear_bpw=linear_bpw(rows))
-    raise LrdError(f"{path} is not a .gguf file, a GGUF export directory or an lrdeploy artifact")
+                        linear_bpw=linear_bpw(rows), verified=[f.name for f in files] if verify else [])
+    if (path / "model.onnx").is_file():
+        files = [f for f in path.iterdir() if f.name.startswith("model.onnx")]
+        return _summary(onnx_tensors(path / "model.onnx", verify), kind="onnx export",
+                        file_bytes=sum(f.stat().st_size for f in files), verified=["model.onnx"] if verify else [])
+    if (path / WEIGHTS).is_file():
+        raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")
+    raise LrdError(f"{path} is not a .gguf or .onnx file, an export directory or an lrdeploy artifact")

@@ -148,11 +148,10 @@ def load_llama(model: Path, lora: Path | None, n_ctx: int, device: str = "auto",
     what = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
     try:
         with captured_stderr(log):
-            llm = llama_cpp.Llama(
-                model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
-                n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True, n_gpu_layers=layers,
-                n_threads=threads, n_threads_batch=threads, verbose=False, **kwargs,
-            )
+            params = {"n_batch": n_ctx, "n_ubatch": min(n_ctx, 512), "logits_all": True, "n_gpu_layers": layers,
+                      "n_threads": threads, "n_threads_batch": threads, "verbose": False, **kwargs}
+            llm = llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
+                                  **params)
     except (ValueError, RuntimeError) as e:
         detail = _last_error("".join(log))
         raise LrdError(f"llama.cpp cannot load {what}: {e}" + (f" ({detail})" if detail else "")) from None
@@ -196,6 +195,7 @@ def open_llamacpp(path: Path, lora: Path | None, n_ctx: int, device: str, **kwar
     from lrdeploy.runtime.inspect import export_bpw
 
     model, adapter, tok_dir = resolve(path, lora)
+    bpw = export_bpw(model, adapter)  # parses both headers first: a truncated file is one clear error, not a crash
     tokenizer = _tokenizer(model, tok_dir)
     llm = load_llama(model, adapter, n_ctx, device, **kwargs)
-    return LlamaCppBackend(llm, tokenizer, n_ctx, export_bpw(model, adapter), model, adapter)
+    return LlamaCppBackend(llm, tokenizer, n_ctx, bpw, model, adapter)

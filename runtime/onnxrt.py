@@ -107,12 +107,13 @@ class OnnxDecoder:
         rows, cache = [], self.empty_cache()
         start = 0
         for chunk in [ids_np[:prefill]] + [ids_np[i : i + 1] for i in range(prefill, len(ids_np))]:
-            logits, cache = self._run(chunk, start, cache)
+            logits, cache = self.step(chunk, start, cache)
             rows.append(logits)
             start += len(chunk)
         return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
-    def _run(self, chunk: np.ndarray, start: int, cache: dict) -> tuple[np.ndarray, dict]:
+    def step(self, chunk: np.ndarray, start: int, cache: dict) -> tuple[np.ndarray, dict]:
+        """Run CHUNK at position START on CACHE; returns (logits of the chunk, the grown cache)."""
         outs = self.session.run(self._outputs, {**self._feed(chunk, start), **cache})
         by_name = dict(zip(self._outputs, outs, strict=True))
         new_cache = {f"past_key_values.{i}.{k}": by_name[f"present.{i}.{k}"]
@@ -126,7 +127,7 @@ class OnnxDecoder:
         chunk, start, cache = np.asarray(ids.cpu(), np.int64), 0, self.empty_cache()
         out: list[int] = []
         while len(out) < n_new:
-            logits, cache = self._run(chunk, start, cache)
+            logits, cache = self.step(chunk, start, cache)
             start += len(chunk)
             out.append(int(np.argmax(logits[-1])))
             chunk = np.array([out[-1]], np.int64)

@@ -87,5 +87,5 @@ def test_truncated_and_corrupt_files_one_line_error(rtn_export, tmp_path, cli):
     assert code == 2 and len(err.strip().splitlines()) == 1
     with pytest.raises(LrdError, match="no such file"):
         inspect_path(tmp_path / "missing.gguf")
-    with pytest.raises(LrdError, match="is not a .gguf file"):
+    with pytest.raises(LrdError, match="is not a .gguf or .onnx file"):
         inspect_path(tmp_path)

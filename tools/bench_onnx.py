@@ -89,11 +89,11 @@ def ppl(m, windows: int) -> float:
 def time_once(m, ids: np.ndarray, n_decode: int) -> tuple[float, float]:
     """(prefill seconds for IDS from an empty cache, seconds for N_DECODE single-token steps after it)."""
     t0 = time.perf_counter()
-    logits, cache = m._run(ids, 0, m.empty_cache())
+    logits, cache = m.step(ids, 0, m.empty_cache())
     t1 = time.perf_counter()
     start, tok = len(ids), int(np.argmax(logits[-1]))
     for _ in range(n_decode):
-        logits, cache = m._run(np.array([tok], np.int64), start, cache)
+        logits, cache = m.step(np.array([tok], np.int64), start, cache)
         start += 1
         tok = int(np.argmax(logits[-1]))
     return t1 - t0, time.perf_counter() - t1

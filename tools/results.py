@@ -43,7 +43,7 @@ POINTS: list[tuple[str, str, list[str]]] = [
     ("caldera q2_k + r32 q4_0", "caldera", ["--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0"]),
     ("caldera q2_k, down q3_k + r32 q4_0", "caldera",
      ["--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0", *DOWN_Q3]),
-    ("caldera q2_k + r64 q4_0", "caldera", ["--q-format", "q2_k", "--rank", "64", "--lr-format", "q4_0"]),
+    ("caldera q2_k + r16 q4_0", "caldera", ["--q-format", "q2_k", "--rank", "16", "--lr-format", "q4_0"]),
 ]
 
 
@@ -125,8 +125,43 @@ def report(rows: list[dict], base: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['label']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {r['compress_seconds']:.0f} |"
         )
-    lines += ["", "![perplexity against bpw](results-ppl-bpw.png)", ""]
+    missing = [label for label, _, _ in POINTS if label not in {r["label"] for r in rows}]
+    lines += ["", "![perplexity against bpw](results-ppl-bpw.png)", "", *checks(rows), ""]
+    if missing:
+        lines += [f"Not measured yet (run the command above to add them): {'; '.join(missing)}.", ""]
+    lines += [
+        "Compress times are wall seconds of `lrdeploy compress` on a 2-core VM that other jobs shared during this "
+        "run (load average 4–14), so they overstate a quiet machine, the later rows most.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def checks(rows: list[dict]) -> list[str]:
+    """The issue's two claims, tested on these rows: ldlq beats rtn per format; caldera beats ldlq at ≤ bpw."""
+    by = {(r["method"], tuple(r["args"])): r for r in rows}
+    out = ["Checks, computed from the rows above:", ""]
+    for (method, args), r in by.items():
+        if method == "ldlq" and ("rtn", args) in by:
+            rtn = by[("rtn", args)]
+            verdict = "beats" if r["ppl"] < rtn["ppl"] else "does NOT beat"
+            out.append(f"- ldlq {verdict} rtn at {r['label'].removeprefix('ldlq ')}: {r['ppl']:.2f} against "
+                       f"{rtn['ppl']:.2f} at {r['bpw']:.3f} bpw.")
+    ldlq = [r for r in rows if r["method"] == "ldlq"]
+    for r in (r for r in rows if r["method"] == "caldera"):
+        cheaper = [x for x in ldlq if x["bpw"] <= r["bpw"] + 1e-9]
+        dearer = [x for x in ldlq if x["bpw"] >= r["bpw"] - 1e-9]
+        ref = max(cheaper, key=lambda x: x["bpw"]) if cheaper else None
+        up = min(dearer, key=lambda x: x["bpw"]) if dearer else None
+        text = f"- {r['label']} ({r['bpw']:.3f} bpw, ppl {r['ppl']:.2f})"
+        if ref:
+            won = "beats" if r["ppl"] < ref["ppl"] else "does NOT beat"
+            text += f": {won} {ref['label']} ({ref['bpw']:.3f} bpw, {ref['ppl']:.2f})"
+        if up and up is not ref:
+            won = "beats" if r["ppl"] < up["ppl"] else "loses to"
+            text += f"; {won} {up['label']} ({up['bpw']:.3f} bpw, {up['ppl']:.2f})"
+        out.append(text + ".")
+    return out
 
 
 def main() -> None:

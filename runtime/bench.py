@@ -1,0 +1,664 @@
+"""`lrdeploy bench`: memory, maximum context and throughput of compressed models against the uncompressed one.
+
+Every measurement runs in a fresh child process (`python -m lrdeploy.runtime.bench SPEC_JSON`), so load time,
+resident memory and peaks belong to one model alone. Targets and baseline alternate (A B A B) across runs, and each
+child warms up before it times. Prefill goes in chunks of 512 tokens on every backend (llama.cpp's default batch),
+so its workspace does not grow with the prompt, and only the last position's logits are computed where the backend
+allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrdeploy.errors import LrdError
+
+BACKENDS = ("torch", "onnxruntime", "llamacpp")
+CHUNK = 512
+WARMUP_TOKENS = 32
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class BenchModel:
+    """One thing to measure: PATH opened on BACKEND."""
+
+    label: str
+    path: str
+    backend: str
+    role: str  # "target" or "baseline"
+
+
+def detect_backend(path: str) -> str | None:
+    """The backend a path runs on by itself: artifacts on torch, exports on their runtime; None for model sources."""
+    from lrdeploy.artifact import is_artifact
+
+    p = Path(path)
+    if is_artifact(p):
+        return "torch"
+    if p.is_dir() and (p / "model.gguf").is_file():
+        return "llamacpp"
+    if p.is_dir() and (p / "model.onnx").is_file():
+        return "onnxruntime"
+    return None
+
+
+def resolve_targets(paths: list[str], backend: str) -> list[BenchModel]:
+    if backend not in ("auto", *BACKENDS):
+        raise LrdError(f"unknown backend '{backend}'; choose auto, {', '.join(BACKENDS)}")
+    models = []
+    for path in paths:
+        if not Path(path).exists():
+            raise LrdError(f"no such target: {path}")
+        found = detect_backend(path) or ("llamacpp" if path.endswith(".gguf") else None)
+        if found is None:
+            raise LrdError(f"{path} is not an artifact, a GGUF export or an ONNX export")
+        if backend != "auto" and backend != found:
+            raise LrdError(f"{path} runs on {found}, not on --backend {backend}")
+        models.append(BenchModel(_label(path, models), path, found, "target"))
+    return models
+
+
+def _label(path: str, taken: list[BenchModel]) -> str:
+    p = Path(path).resolve()
+    label = p.name if p.is_dir() else p.stem
+    names = {m.label for m in taken}
+    return label if label not in names else f"{p.parent.name}/{label}"
+
+
+def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
+    """The uncompressed SOURCE on BACKEND: used as it is where it runs there, else exported once into CACHE.
+
+    llama.cpp gets an F16 GGUF (what llama.cpp users run unquantized), onnxruntime an fp32 graph (fp16 on CPU is
+    slower than fp32 in onnxruntime), torch the model itself in float32.
+    """
+    own = detect_backend(source)
+    if own == backend or (own is None and backend == "torch"):
+        return BenchModel(f"uncompressed ({backend})", source, backend, "baseline")
+    if own is not None:
+        raise LrdError(f"the baseline {source} runs on {own}; give a model source (e.g. smollm2) to compare on "
+                       f"{backend}")
+    from lrdeploy.compressor.sources import open_source
+
+    src = open_source(source)  # fails clearly on a bad source before anything is exported
+    key = f"{Path(src.path).stem}-{src.digest()[:12]}"
+    if backend == "llamacpp":
+        from lrdeploy.exporters.gguf import export_gguf
+
+        out = cache / f"{key}-gguf-f16"
+        if not (out / "export.json").is_file():
+            export_gguf(source, out, dtype="f16", force=True)
+    else:
+        from lrdeploy.exporters.onnx import export_onnx
+
+        out = cache / f"{key}-onnx-fp32"
+        if not (out / "lrdeploy_onnx.json").is_file():
+            export_onnx(source, out, dtype="fp32", force=True)
+    return BenchModel(f"uncompressed ({backend})", str(out), backend, "baseline")
+
+
+def model_files(m: BenchModel) -> list[Path]:
+    """The files that hold M's weights (what a user copies to a device)."""
+    p = Path(m.path)
+    if m.backend == "llamacpp":
+        from lrdeploy.runtime.llamacpp import resolve
+
+        model, adapter, _ = resolve(p, None)
+        return [model] + ([adapter] if adapter else [])
+    if m.backend == "onnxruntime":
+        return sorted(f for f in p.iterdir() if f.suffix in (".onnx", ".data") or f.name.endswith(".onnx.data"))
+    if p.is_dir():
+        return sorted(p.glob("*.safetensors")) + sorted(p.glob("*.gguf"))
+    from lrdeploy.compressor.sources import open_source
+
+    path = Path(open_source(m.path).path)
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- the pure parts
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+    """Keys and values of every layer for one token."""
+    return 2 * layers * kv_heads * head_dim * elem_bytes
+
+
+def analytic_max_ctx(budget: float, fixed: float, per_token: float, limit: int | None) -> int:
+    """Tokens that fit BUDGET: (budget − fixed) / per_token, capped at the model's trained context LIMIT."""
+    n = math.floor((budget - fixed) / per_token) if per_token > 0 else limit or 0
+    return max(0, min(n, limit) if limit else n)
+
+
+def search_max_ctx(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with fits(n), given fits is monotone and fits(lo); bisection over real runs."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '2GB', '1000000' → bytes."""
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "tb": 1000**4}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        raise LrdError(f"cannot read the size '{text}'; write e.g. 4GiB, 512MiB or 2GB") from None
+    if unit not in units or value <= 0:
+        raise LrdError(f"cannot read the size '{text}'; write e.g. 4GiB, 512MiB or 2GB")
+    return int(value * units[unit])
+
+
+def parse_ctx(text: str) -> list[int]:
+    try:
+        ctxs = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise LrdError(f"--ctx expects comma-separated token counts, got '{text}'") from None
+    if not ctxs or ctxs[0] < 1:
+        raise LrdError(f"--ctx expects positive token counts, got '{text}'")
+    return ctxs
+
+
+# --------------------------------------------------------------------------------------------- the child process
+
+
+def reset_peak() -> None:
+    """Restart the RSS high-water mark (Linux: VmHWM), so the next peak belongs to what follows."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def rss_peak() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class TorchRunner:
+    """Artifact or model source in transformers, KV in a DynamicCache."""
+
+    def __init__(self, path: str, device: str):
+        import torch
+
+        from lrdeploy.runtime.backends import open_backend
+
+        self.torch = torch
+        be = open_backend(path, "torch", device)
+        self.model, self.tokenizer, self.bpw, self.device = be.model, be.tokenizer, be.bpw, be.device
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = next(self.model.parameters()).element_size() if any(True for _ in self.model.parameters()) else 4
+        self.kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, elem)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self.cache, self.last = None, None
+
+    def reset(self, n_ctx: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    def prefill(self, ids: list[int]) -> None:
+        with self.torch.no_grad():
+            for i in range(0, len(ids), CHUNK):
+                chunk = self.torch.tensor([ids[i : i + CHUNK]], device=self.device)
+                out = self.model(input_ids=chunk, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.cache = out.past_key_values
+                self.last = out.logits[0, -1]
+
+    def decode(self, n: int) -> None:
+        with self.torch.no_grad():
+            for _ in range(n):
+                tok = self.torch.argmax(self.last).reshape(1, 1)
+                out = self.model(input_ids=tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.cache = out.past_key_values
+                self.last = out.logits[0, -1]
+        self.sync()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of the key and value tensors the cache really holds."""
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if t is not None and hasattr(t, "numel"):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def logits_fn(self):
+        from lrdeploy.runtime.backends import TorchBackend
+
+        return TorchBackend(self.model, self.tokenizer, self.device).logits
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class OnnxRunner:
+    """An ONNX export in onnxruntime, KV carried between calls as arrays."""
+
+    def __init__(self, path: str, device: str, threads: int | None):
+        from lrdeploy.runtime.onnxrt import open_onnxruntime
+
+        self.dec = open_onnxruntime(Path(path), device, threads=threads)
+        self.tokenizer, self.bpw = self.dec.tokenizer, self.dec.bpw
+        io = self.dec.io
+        self.kv_per_token = kv_bytes_per_token(io.layers, io.kv_heads, io.head_dim, io.dtype().itemsize)
+        cfg = Path(path) / "config.json"
+        self.max_positions = json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
+        self.cache, self.start, self.last = {}, 0, None
+
+    def reset(self, n_ctx: int) -> None:
+        self.cache, self.start = self.dec.empty_cache(), 0
+
+    def prefill(self, ids: list[int]) -> None:
+        import numpy as np
+
+        for i in range(0, len(ids), CHUNK):
+            chunk = np.asarray(ids[i : i + CHUNK], np.int64)
+            logits, self.cache = self.dec.step(chunk, self.start, self.cache)
+            self.start += len(chunk)
+            self.last = logits[-1]
+
+    def decode(self, n: int) -> None:
+        import numpy as np
+
+        for _ in range(n):
+            logits, self.cache = self.dec.step(np.array([int(np.argmax(self.last))], np.int64), self.start,
+                                               self.cache)
+            self.start += 1
+            self.last = logits[-1]
+
+    def sync(self) -> None:
+        pass
+
+    def kv_bytes(self, tokens: int) -> int:
+        return sum(v.nbytes for v in self.cache.values())
+
+    def logits_fn(self):
+        return self.dec.logits
+
+    def close(self) -> None:
+        self.cache = {}
+
+
+class LlamaRunner:
+    """A GGUF (+ LoRA adapter) in llama.cpp. llama.cpp sizes its KV cache at load, so each context gets its own."""
+
+    def __init__(self, path: str, device: str, threads: int | None):
+        from lrdeploy.runtime.inspect import export_bpw
+        from lrdeploy.runtime.llamacpp import _tokenizer, resolve
+
+        self.model, self.adapter, tok_dir = resolve(Path(path), None)
+        self.tokenizer = _tokenizer(self.model, tok_dir)
+        self.bpw = export_bpw(self.model, self.adapter)
+        self.device, self.threads = device, threads
+        self.llm, self.n_ctx = None, 0
+        self.reset(WARMUP_TOKENS * 2)
+        meta = self.llm.metadata
+        arch = meta["general.architecture"]
+        heads = int(meta[f"{arch}.attention.head_count"])
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+        self.kv_per_token = kv_bytes_per_token(int(meta[f"{arch}.block_count"]), kv_heads, head_dim, 2)  # f16 KV
+        self.max_positions = int(meta[f"{arch}.context_length"]) if f"{arch}.context_length" in meta else None
+
+    def reset(self, n_ctx: int) -> None:
+        from lrdeploy.runtime.llamacpp import load_llama
+
+        if self.llm is None or n_ctx != self.n_ctx:
+            if self.llm is not None:
+                self.llm.close()
+            self.llm = load_llama(self.model, self.adapter, n_ctx, self.device, self.threads, logits_all=False,
+                                  n_batch=CHUNK, n_ubatch=CHUNK)
+            self.n_ctx = n_ctx
+        self.llm.reset()
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.eval(ids)
+
+    def decode(self, n: int) -> None:
+        import llama_cpp
+        import numpy as np
+
+        vocab = self.llm.n_vocab()
+        for _ in range(n):  # without logits_all, llama-cpp-python keeps no scores: read the last row from the context
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(vocab,))
+            self.llm.eval([int(np.argmax(row))])
+
+    def sync(self) -> None:
+        pass
+
+    def kv_bytes(self, tokens: int) -> int:
+        """llama.cpp's cache holds f16 keys and values for every stored token (allocated for n_ctx up front)."""
+        return self.kv_per_token * tokens
+
+    def logits_fn(self):
+        from lrdeploy.runtime.llamacpp import open_llamacpp
+
+        return open_llamacpp(self.model, self.adapter, self.n_ctx, self.device, n_threads=self.threads).logits
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+def open_runner(spec: dict):
+    backend, path, device, threads = spec["backend"], spec["path"], spec["device"], spec.get("threads")
+    if backend == "torch":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchRunner(path, device)
+    if backend == "onnxruntime":
+        return OnnxRunner(path, device, threads)
+    return LlamaRunner(path, device, threads)
+
+
+def prompt_ids(tokenizer, text: str | None, n: int) -> list[int]:
+    """N real-text token ids (the text repeated when it is shorter)."""
+    from lrdeploy.compressor.text import load_text, tokenize
+
+    ids = tokenize(tokenizer, load_text(text)).tolist()
+    if not ids:
+        raise LrdError("the bench text tokenizes to nothing")
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def preload(backend: str) -> None:
+    """Import everything a backend needs before measuring, so library code is not counted as model memory."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lrdeploy.compressor.text  # noqa: F401
+
+    if backend == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    elif backend == "llamacpp":
+        import llama_cpp  # noqa: F401
+    else:
+        import lrdeploy.artifact  # noqa: F401
+        import lrdeploy.compressor.model  # noqa: F401
+
+
+def gpu_peak(runner) -> int | None:
+    if getattr(runner, "device", None) is not None and str(runner.device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return None
+
+
+def worker(spec: dict) -> dict:
+    """One child's measurements of one model. Modes: run (timings per ctx), check (one long context), ppl."""
+    preload(spec["backend"])
+    base = rss_now()  # the interpreter and its libraries: not part of what the model needs
+    t0 = time.perf_counter()
+    runner = open_runner(spec)
+    load_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_now() - base, "interpreter_rss": base,
+                           "kv_per_token": runner.kv_per_token, "max_positions": runner.max_positions,
+                           "bpw": runner.bpw}
+    if spec["mode"] == "ppl":
+        from lrdeploy.compressor.text import eval_windows, load_text, tokenize
+        from lrdeploy.runtime.eval import perplexity
+
+        if spec["backend"] == "llamacpp":
+            runner.reset(spec["ppl_ctx"])
+        ids = tokenize(runner.tokenizer, load_text(spec["text"], spec.get("text_range")))
+        out["ppl"] = perplexity(runner.logits_fn(), eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])).ppl
+        return out
+    gen = spec["gen"]
+    if spec["mode"] == "check":
+        n = spec["tokens"]
+        ids = prompt_ids(runner.tokenizer, spec.get("text"), n - 1)
+        runner.reset(n)
+        reset_peak()
+        runner.prefill(ids)
+        runner.decode(1)
+        out.update(tokens=n, peak=gpu_peak(runner) or rss_peak() - base)
+        return out
+    ids = prompt_ids(runner.tokenizer, spec.get("text"), max(spec["ctx"]))
+    runner.reset(WARMUP_TOKENS * 2)
+    runner.prefill(ids[:WARMUP_TOKENS])
+    runner.decode(4)
+    rows = []
+    for ctx in spec["ctx"]:
+        runner.reset(ctx + gen)
+        reset_peak()
+        if gpu_peak(runner) is not None:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.perf_counter()
+        runner.prefill(ids[:ctx])
+        runner.sync()
+        t2 = time.perf_counter()
+        runner.decode(gen)
+        t3 = time.perf_counter()
+        rows.append({"ctx": ctx, "prefill_tps": ctx / (t2 - t1), "decode_tps": gen / (t3 - t2),
+                     "kv_bytes": runner.kv_bytes(ctx + gen), "peak": gpu_peak(runner) or rss_peak() - base})
+    out["ctx"] = rows
+    runner.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class BenchOptions:
+    ctx: list[int] = field(default_factory=lambda: [512, 2048])
+    gen_tokens: int = 32
+    memory_budget: int | None = None
+    runs: int = 3
+    device: str = "auto"
+    threads: int | None = None
+    text: str | None = None
+    ppl_text: str | None = None
+    ppl_range: str | None = None
+    ppl_ctx: int = 512
+    ppl_windows: int = 8
+    cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "lrdeploy" / "bench-baselines")
+
+
+def run_child(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter; its failure becomes one clear line."""
+    cmd = [sys.executable, "-m", "lrdeploy.runtime.bench", json.dumps(spec)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if res.returncode != 0:
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit status {res.returncode}"
+        if res.returncode < 0:
+            why = f"killed by signal {-res.returncode} (out of memory?)"
+        raise ChildFailed(f"{spec['path']} ({spec['backend']}, {spec['mode']}): {why}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class ChildFailed(LrdError):
+    pass
+
+
+def _median_rows(runs: list[dict]) -> list[dict]:
+    out = []
+    for i, row in enumerate(runs[0]["ctx"]):
+        vals = [r["ctx"][i] for r in runs]
+        out.append({"ctx": row["ctx"], "kv_bytes": row["kv_bytes"],
+                    **{k: statistics.median(v[k] for v in vals) for k in ("prefill_tps", "decode_tps", "peak")}})
+    return out
+
+
+def bench(targets: list[BenchModel], baseline: str, opts: BenchOptions,
+          progress: Callable[[str], None] | None = None, total: Callable[[int], None] | None = None) -> dict:
+    """Measure TARGETS and the uncompressed BASELINE on each target's backend; returns the report as a dict."""
+    if opts.runs < 1:
+        raise LrdError("--runs must be at least 1")
+    if opts.gen_tokens < 1:
+        raise LrdError("--gen-tokens must be at least 1")
+    backends = list(dict.fromkeys(t.backend for t in targets))
+    baselines = {b: baseline_for(baseline, b, opts.cache) for b in backends}
+    order = [m for b in backends for m in (baselines[b], *[t for t in targets if t.backend == b])]
+    n_children = len(order) * (opts.runs + (1 if opts.ppl_text else 0)) + (len(order) * 2 if opts.memory_budget else 0)
+    if total:
+        total(n_children)
+    step = progress or (lambda _d: None)
+
+    def spec(m: BenchModel, mode: str, **kw: Any) -> dict:
+        return {"path": m.path, "backend": m.backend, "device": opts.device, "threads": opts.threads, "mode": mode,
+                "text": opts.text, "gen": opts.gen_tokens, **kw}
+
+    results: dict[str, dict] = {m.label: {**asdict(m), "runs": []} for m in order}
+    for m in order:
+        files = model_files(m)
+        results[m.label]["files"] = [str(f) for f in files]
+        results[m.label]["bytes"] = sum(f.stat().st_size for f in files)
+    if opts.ppl_text:
+        for m in order:
+            r = run_child(spec(m, "ppl", text=opts.ppl_text, text_range=opts.ppl_range, ppl_ctx=opts.ppl_ctx,
+                               ppl_windows=opts.ppl_windows))
+            results[m.label]["ppl"] = r["ppl"]
+            step(f"perplexity {m.label}")
+    for i in range(opts.runs):  # A B A B: every round measures every model once
+        for m in order:
+            results[m.label]["runs"].append(run_child(spec(m, "run", ctx=opts.ctx)))
+            step(f"run {i + 1}/{opts.runs} {m.label}")
+    for m in order:
+        r = results[m.label]
+        first = r["runs"][0]
+        r.update(kv_per_token=first["kv_per_token"], max_positions=first["max_positions"], bpw=first["bpw"],
+                 load_s=statistics.median(x["load_s"] for x in r["runs"]),
+                 rss_after_load=statistics.median(x["rss_after_load"] for x in r["runs"]),
+                 ctx=_median_rows(r["runs"]))
+    if opts.memory_budget:
+        for m in order:
+            results[m.label]["max_ctx"] = max_context(m, results[m.label], opts, spec, step)
+        if all(results[m.label]["max_ctx"]["tokens"] == 0 for m in order):
+            need = min(results[m.label]["max_ctx"]["fixed"] for m in order)
+            raise LrdError(f"--memory-budget {opts.memory_budget / MIB:.0f} MiB is too small for any model here "
+                           f"(the smallest needs {need / MIB:.0f} MiB before any context); raise it")
+    for m in order:
+        add_ratios(results[m.label], results[baselines[m.backend].label])
+    ppl = {"text": opts.ppl_text, "range": opts.ppl_range, "ctx": opts.ppl_ctx, "windows": opts.ppl_windows}
+    return {"ctx": opts.ctx, "gen_tokens": opts.gen_tokens, "runs": opts.runs, "device": opts.device,
+            "memory_budget": opts.memory_budget, "baseline": baseline, "machine": machine(),
+            "ppl": ppl if opts.ppl_text else None, "models": list(results.values())}
+
+
+def max_context(m: BenchModel, r: dict, opts: BenchOptions, spec, step) -> dict:
+    """Analytic answer from the weights and the KV cache, then checked by really running at that length.
+
+    fixed = the peak at the longest measured context less its KV cache; (budget − fixed) / KV bytes per token gives
+    n. A child then holds n tokens and reports its peak. Over budget (what else grows with the context, such as
+    attention workspace), the slope measured by that run sets the next n, and it is checked again.
+    """
+    budget, kv = opts.memory_budget, r["kv_per_token"]
+    last = r["ctx"][-1]
+    fixed = last["peak"] - kv * (last["ctx"] + opts.gen_tokens)
+    n = analytic_max_ctx(budget, fixed, kv, r["max_positions"])
+    info: dict[str, Any] = {"budget": budget, "fixed": fixed, "per_token": kv, "analytic": n, "checks": []}
+    fits = 0
+    for _ in range(4):
+        if n < 2:
+            break
+        try:
+            peak = run_child(spec(m, "check", tokens=n))["peak"]
+        except ChildFailed as e:
+            info["checks"].append({"tokens": n, "error": str(e)})
+            n = int(n * 0.7)
+            continue
+        info["checks"].append({"tokens": n, "peak": peak})
+        if peak <= budget:
+            fits = n
+            break
+        slope = max(kv, (peak - fixed) / n)
+        n = min(n - 1, math.floor((budget - fixed) / slope * 0.97))
+    step(f"max context {m.label}")
+    limited = "model" if r["max_positions"] and fits == r["max_positions"] else "memory"
+    info.update(tokens=fits, limited_by=limited, checked=fits > 0)
+    return info
+
+
+def add_ratios(r: dict, base: dict) -> None:
+    """Ratios against the uncompressed model on the same backend (>1 = more than the baseline)."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if not a or not b else a / b
+
+    r["vs_baseline"] = {
+        "bytes": ratio(r["bytes"], base["bytes"]),
+        "rss_after_load": ratio(r["rss_after_load"], base["rss_after_load"]),
+        "peak": [ratio(a["peak"], b["peak"]) for a, b in zip(r["ctx"], base["ctx"], strict=True)],
+        "prefill_tps": [ratio(a["prefill_tps"], b["prefill_tps"]) for a, b in zip(r["ctx"], base["ctx"], strict=True)],
+        "decode_tps": [ratio(a["decode_tps"], b["decode_tps"]) for a, b in zip(r["ctx"], base["ctx"], strict=True)],
+        "max_ctx": ratio(r.get("max_ctx", {}).get("tokens"), base.get("max_ctx", {}).get("tokens")),
+        "ppl": ratio(r.get("ppl"), base.get("ppl")),
+    }
+
+
+def machine() -> dict:
+    import platform
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    for pkg in ("onnxruntime", "llama_cpp"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    info["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return info
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(worker(json.loads(sys.argv[1]))))
+    except LrdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,145 @@
+"""`lrdeploy bench` on a tiny random model: report structure, KV growth, the context search, impossible budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lrdeploy.errors import LrdError
+from lrdeploy.runtime.bench import (
+    OnnxRunner,
+    TorchRunner,
+    analytic_max_ctx,
+    parse_bytes,
+    parse_ctx,
+    search_max_ctx,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_llama, tmp_path_factory, calib_text):
+    """The tiny model compressed (rtn, fast) and exported to GGUF and ONNX."""
+    from lrdeploy.compressor.driver import CompressOptions, compress
+    from lrdeploy.compressor.sources import open_source
+    from lrdeploy.exporters.gguf import export_gguf
+    from lrdeploy.exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("bench")
+    art = root / "artifact"
+    compress(open_source(str(tiny_llama)), CompressOptions(method="rtn", calib=calib_text, calib_tokens=256,
+                                                           seq_len=64, device="cpu"), art)
+    export_gguf(str(art), root / "gguf")
+    export_onnx(str(art), root / "onnx")
+    return {"artifact": art, "gguf": root / "gguf", "onnx": root / "onnx", "root": root}
+
+
+@pytest.fixture(scope="module")
+def report(tiny_llama, tiny_exports, tmp_path_factory):
+    """One real bench run: GGUF and ONNX targets, the tiny model as baseline, a budget, a report directory."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("report")
+    cache = tiny_exports["root"] / "baselines"
+    code = (
+        "import sys, json; from pathlib import Path; "
+        "from lrdeploy.runtime.bench import BenchOptions, bench, resolve_targets; "
+        "from lrdeploy.runtime.bench_report import write_report; "
+        f"o = BenchOptions(ctx=[32, 96], gen_tokens=4, runs=1, memory_budget={1 << 30}, threads=1, "
+        f"cache=Path({str(cache)!r})); "
+        f"r = bench(resolve_targets([{str(tiny_exports['gguf'])!r}, {str(tiny_exports['onnx'])!r}], 'auto'), "
+        f"{str(tiny_llama)!r}, o); write_report(r, Path({str(out)!r}), 'lrdeploy bench ...')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_report_files_and_fields(report):
+    data = json.loads((report / "report.json").read_text())
+    assert data["ctx"] == [32, 96] and data["runs"] == 1 and data["memory_budget"] == 1 << 30
+    by_role = {(m["backend"], m["role"]) for m in data["models"]}
+    assert by_role == {("llamacpp", "target"), ("llamacpp", "baseline"), ("onnxruntime", "target"),
+                       ("onnxruntime", "baseline")}
+    for m in data["models"]:
+        assert m["bytes"] > 0 and m["load_s"] > 0 and m["rss_after_load"] > 0 and m["kv_per_token"] > 0
+        assert [row["ctx"] for row in m["ctx"]] == [32, 96]
+        for row in m["ctx"]:
+            assert row["prefill_tps"] > 0 and row["decode_tps"] > 0 and row["peak"] >= m["rss_after_load"] * 0.5
+        mc = m["max_ctx"]
+        assert mc["tokens"] > 0 and mc["checks"] and mc["analytic"] >= mc["tokens"]
+        if mc["checked"]:
+            assert mc["checks"][-1]["peak"] <= data["memory_budget"]
+        if m["role"] == "baseline":
+            assert m["vs_baseline"]["bytes"] == 1.0 and m["vs_baseline"]["decode_tps"] == [1.0, 1.0]
+    target = next(m for m in data["models"] if m["backend"] == "llamacpp" and m["role"] == "target")
+    base = next(m for m in data["models"] if m["backend"] == "llamacpp" and m["role"] == "baseline")
+    assert target["bytes"] < base["bytes"] and target["vs_baseline"]["bytes"] < 1  # 2.6-bit Q against F16
+    md = (report / "report.md").read_text()
+    for heading in ("## Size, memory and context", "## Throughput and peak memory by context",
+                    "## How the maximum context was found"):
+        assert heading in md
+    for png in ("throughput-vs-ctx.png", "memory-vs-ctx.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in md
+
+
+@pytest.mark.parametrize("runner_kind", ["torch", "onnxruntime"])
+def test_kv_bytes_grow_linearly_with_ctx(runner_kind, tiny_exports):
+    """The cache really held (tensor bytes) is kv_per_token × tokens at every length."""
+    runner = (TorchRunner(str(tiny_exports["artifact"]), "cpu") if runner_kind == "torch"
+              else OnnxRunner(str(tiny_exports["onnx"]), "cpu", 1))
+    sizes = []
+    for n in (7, 40, 129, 600):
+        runner.reset(n)
+        runner.prefill(list(range(10, 10 + n)))
+        sizes.append(runner.kv_bytes(n))
+        assert sizes[-1] == runner.kv_per_token * n
+    runner.close()
+    assert runner.kv_per_token == 2 * 2 * 2 * 64 * 4  # K and V, 2 layers, 2 KV heads, head_dim 64, float32
+
+
+def test_context_search_agrees_with_the_analytic_answer(tiny_exports):
+    """Bisection over real prefills (weights + the cache actually held) lands on (budget − weights) / kv_per_token."""
+    runner = TorchRunner(str(tiny_exports["artifact"]), "cpu")
+    weights = sum(b.numel() * b.element_size() for b in runner.model.buffers()) + sum(
+        p.numel() * p.element_size() for p in runner.model.parameters())
+    budget = weights + 1000 * runner.kv_per_token + runner.kv_per_token // 2
+    tried = []
+
+    def fits(n: int) -> bool:
+        runner.reset(n)
+        runner.prefill([5] * n)
+        tried.append(n)
+        return weights + runner.kv_bytes(n) <= budget
+
+    found = search_max_ctx(fits, 1, 4096)
+    assert found == analytic_max_ctx(budget, weights, runner.kv_per_token, None) == 1000
+    assert len(tried) <= 13  # bisection, not a scan
+    assert analytic_max_ctx(budget, weights, runner.kv_per_token, 512) == 512  # capped by the model's context
+
+
+def test_impossible_budget_is_a_clear_error(cli, tiny_llama, tiny_exports):
+    code, out, err = cli("bench", str(tiny_exports["onnx"]), "--baseline", str(tiny_llama), "--ctx", "16",
+                         "--gen-tokens", "2", "--runs", "1", "--memory-budget", "1MiB", "--threads", "1", "-q")
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--memory-budget 1 MiB is too small" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_parsers():
+    assert analytic_max_ctx(1000, 1200, 4, None) == 0  # the weights alone exceed the budget
+    assert parse_bytes("4GiB") == 4 << 30 and parse_bytes("512 MiB") == 512 << 20 and parse_bytes("2GB") == 2 * 10**9
+    assert parse_ctx("2048,512,512") == [512, 2048]
+    for bad in ("lots", "-1GiB", "4XB"):
+        with pytest.raises(LrdError, match="cannot read the size"):
+            parse_bytes(bad)
+    with pytest.raises(LrdError, match="--ctx"):
+        parse_ctx("512,abc")
+
+
+def test_unrunnable_target_is_a_clear_error(cli, tiny_llama, tmp_path):
+    code, _, err = cli("bench", str(tmp_path), "--baseline", str(tiny_llama), "-q")
+    assert code == 2 and "is not an artifact, a GGUF export or an ONNX export" in err
