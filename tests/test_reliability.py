@@ -356,7 +356,10 @@ def test_sigint_prints_resume_and_resume_is_byte_identical(tmp_path, calib_text)
     subprocess.run(exe + args + ["-o", str(tmp_path / "full")], check=True, capture_output=True)
 
     out = tmp_path / "cut"
-    proc = subprocess.Popen(exe + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A runner that starts us in the background (nohup, `&` without job control) leaves SIGINT ignored, and an ignored
+    # signal survives exec: give the child the default disposition so Python installs its KeyboardInterrupt handler.
+    proc = subprocess.Popen(exe + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = tmp_path / "cut.partial" / "state.json"
     deadline = time.time() + 300
     while time.time() < deadline:
