@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_sections import run_json as shared_run_json  # noqa: E402
 from report_sections import update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,6 @@ LLAMA_BIN_VERSION = "11434.0.0"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 PRESETS = ("Q2_K", "IQ2_XS", "Q3_K_S", "Q4_K_M")
 NICE = ["nice", "-n", "19"]
-LRD = [*NICE, sys.executable, "-m", "lrdeploy.cli"]
 CALIB_RANGE, EVAL_RANGE = "0:0.5", "0.5:1"
 CTX = 512
 
@@ -130,11 +130,7 @@ def run(cmd: list, log_file: Path | None = None, stdout_only: bool = False) -> s
 
 
 def run_json(args: list[str]) -> dict:
-    """An lrdeploy command with --json: its last stdout line."""
-    res = subprocess.run(LRD + args, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"failed: lrdeploy {' '.join(args)}\n{res.stderr.strip()[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return shared_run_json(args, prefix=tuple(NICE))
 
 
 # ---------------------------------------------------------------------------------------------------- llama.cpp

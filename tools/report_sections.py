@@ -1,7 +1,11 @@
-"""docs/results.md is assembled from sections; each tool rewrites only its own, between marker comments."""
+"""Shared by the results tools: docs/results.md is assembled from sections, each tool rewriting only its own between
+marker comments, and every measured point comes from an `lrdeploy ... --json` run."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
@@ -22,3 +26,11 @@ def update_section(name: str, text: str, path: Path = RESULTS) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(body)
     tmp.replace(path)
+
+
+def run_json(args: list[str], prefix: tuple[str, ...] = ()) -> dict:
+    """`lrdeploy ARGS` (ARGS ending in --json) in a child, after PREFIX (e.g. nice): its last stdout line, parsed."""
+    res = subprocess.run([*prefix, sys.executable, "-m", "lrdeploy.cli", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"failed: lrdeploy {' '.join(args)}\n{res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import update_section  # noqa: E402
+from report_sections import run_json, update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
 WORK = REPO / ".cache" / "results"
-LRD = [sys.executable, "-m", "lrdeploy.cli"]
 CALIB = ["--calib", str(DATA), "--calib-range", "0:0.5"]
 EVAL = ["--text", str(DATA), "--text-range", "0.5:1", "--ctx", "512", "--windows", "40"]
 DOWN_Q3 = ["--tensor-type", "down_proj=q3_k"]
@@ -50,12 +48,6 @@ POINTS: list[tuple[str, str, list[str]]] = [
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
-
-def run_json(args: list[str]) -> dict:
-    res = subprocess.run(LRD + args, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"failed: lrdeploy {' '.join(args)}\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def point(label: str, method: str, extra: list[str]) -> dict:
