@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from interrupt import signal_after_first_block
 
 from lrdeploy.artifact import load_artifact, read_manifest
 from lrdeploy.compressor import allocate as alloc
@@ -118,16 +117,8 @@ def test_distill_resumes_after_sigkill(tmp_path, calib_text):
     subprocess.run(exe + args + ["-o", str(tmp_path / "full")], check=True, capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(exe + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    signal_after_first_block(exe + args + ["-o", str(out)], out, signal.SIGKILL).wait()
     state = out.with_name("killed.partial") / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text())["layers_done"] >= 1:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     assert 1 <= json.loads(state.read_text())["layers_done"] < 3 and not out.exists()
     subprocess.run(exe + args + ["-o", str(out), "--resume"], check=True, capture_output=True)
     assert _tensors_bytes(out) == _tensors_bytes(tmp_path / "full")

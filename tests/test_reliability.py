@@ -17,13 +17,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from interrupt import signal_after_first_block
 
 from lrdeploy.artifact import MANIFEST, WEIGHTS, read_manifest, validate_manifest
 from lrdeploy.compressor.driver import CompressOptions, compress
@@ -356,18 +356,8 @@ def test_sigint_prints_resume_and_resume_is_byte_identical(tmp_path, calib_text)
     subprocess.run(exe + args + ["-o", str(tmp_path / "full")], check=True, capture_output=True)
 
     out = tmp_path / "cut"
-    # A runner that starts us in the background (nohup, `&` without job control) leaves SIGINT ignored, and an ignored
-    # signal survives exec: give the child the default disposition so Python installs its KeyboardInterrupt handler.
-    proc = subprocess.Popen(exe + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = signal_after_first_block(exe + args + ["-o", str(out)], out, signal.SIGINT)
     state = tmp_path / "cut.partial" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.exists() and json.loads(state.read_text())["layers_done"] >= 1:
-            break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Resume with: lrdeploy compress" in err and err.strip().endswith("--resume")
