@@ -222,7 +222,8 @@ class TorchRunner:
         self.model, self.tokenizer, self.bpw, self.device = be.model, be.tokenizer, be.bpw, be.device
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        elem = next(self.model.parameters()).element_size() if any(True for _ in self.model.parameters()) else 4
+        first = next(self.model.parameters(), None)
+        elem = first.element_size() if first is not None else 4
         self.kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, elem)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.cache, self.last = None, None
@@ -262,7 +263,7 @@ class TorchRunner:
                     total += t.numel() * t.element_size()
         return total
 
-    def logits_fn(self):
+    def logits_fn(self, n_ctx: int):
         from lrdeploy.runtime.backends import TorchBackend
 
         return TorchBackend(self.model, self.tokenizer, self.device).logits
@@ -312,7 +313,7 @@ class OnnxRunner:
     def kv_bytes(self, tokens: int) -> int:
         return sum(v.nbytes for v in self.cache.values())
 
-    def logits_fn(self):
+    def logits_fn(self, n_ctx: int):
         return self.dec.logits
 
     def close(self) -> None:
@@ -370,10 +371,12 @@ class LlamaRunner:
         """llama.cpp's cache holds f16 keys and values for every stored token (allocated for n_ctx up front)."""
         return self.kv_per_token * tokens
 
-    def logits_fn(self):
+    def logits_fn(self, n_ctx: int):
+        """Perplexity needs logits at every position: a context of its own, the speed context closed first."""
         from lrdeploy.runtime.llamacpp import open_llamacpp
 
-        return open_llamacpp(self.model, self.adapter, self.n_ctx, self.device, n_threads=self.threads).logits
+        self.close()
+        return open_llamacpp(self.model, self.adapter, n_ctx, self.device, n_threads=self.threads).logits
 
     def close(self) -> None:
         if self.llm is not None:
@@ -442,10 +445,9 @@ def worker(spec: dict) -> dict:
         from lrdeploy.compressor.text import eval_windows, load_text, tokenize
         from lrdeploy.runtime.eval import perplexity
 
-        if spec["backend"] == "llamacpp":
-            runner.reset(spec["ppl_ctx"])
         ids = tokenize(runner.tokenizer, load_text(spec["text"], spec.get("text_range")))
-        out["ppl"] = perplexity(runner.logits_fn(), eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])).ppl
+        windows = eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])
+        out["ppl"] = perplexity(runner.logits_fn(spec["ppl_ctx"]), windows).ppl
         return out
     gen = spec["gen"]
     if spec["mode"] == "check":
