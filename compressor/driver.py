@@ -638,8 +638,9 @@ def _distill_block(teacher: nn.Module, prefix: str, parts: dict[str, tuple[dec.D
     """Train the block's L and R against the teacher block, put them back on their grid, update TENSORS/RECORDS.
 
     The targets Y are the teacher block's outputs on the teacher's inputs. After training, L and R go back to
-    lr_format the plain way (f16 cast, or RTN weighted by the diagonal of the H each one's error sees); the losses
-    recorded after training are those of the stored, re-quantized block.
+    lr_format the plain way (f16 cast, or RTN weighted by the diagonal of the H each one's error sees). The
+    re-quantized block is kept only if its calibration loss (summed over the input modes) is lower than before
+    training, so a short or too-hot run never makes a block worse than its initialization ("kept" says which).
     """
     t0 = time.perf_counter()
     modes = o.distill_modes()
@@ -652,6 +653,8 @@ def _distill_block(teacher: nn.Module, prefix: str, parts: dict[str, tuple[dec.D
     before = {m: dst.block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
     history = dst.train_block(student, [inputs[m] for m in modes], y, dctx, steps, o.distill_lr, o.distill_batch,
                               seed=o.seed * 1_000_003 + layer)
+    trained_tensors: dict[str, torch.Tensor] = {}
+    trained_records: dict[str, dict] = {}
     for name, (d, H) in parts.items():
         full = prefix + name
         m = student.get_submodule(name)
@@ -664,10 +667,16 @@ def _distill_block(teacher: nn.Module, prefix: str, parts: dict[str, tuple[dec.D
             m.L.copy_(L.values)
             m.R.copy_(R.values)
         part = linear_tensors(full, new, bias)
-        tensors.update(part)
-        records[full].update(error=new.error, error_init=d.error, bytes=linear_bytes(part, full))
+        trained_tensors.update(part)
+        trained_records[full] = {"error": new.error, "bytes": linear_bytes(part, full)}
+        records[full]["error_init"] = d.error
     after = {m: dst.block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
-    return {"layer": layer, "steps": steps, "loss_before": before, "loss_after": after,
+    kept = sum(after.values()) < sum(before.values())
+    if kept:
+        tensors.update(trained_tensors)
+        for full, rec in trained_records.items():
+            records[full].update(rec)
+    return {"layer": layer, "steps": steps, "kept": kept, "loss_before": before, "loss_after": after,
             "train_loss_first": history[0] if history else None, "train_loss_last": history[-1] if history else None,
             "seconds": round(time.perf_counter() - t0, 2)}
 

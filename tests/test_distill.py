@@ -89,7 +89,7 @@ def test_distill_lowrank_artifact_records_losses(tiny_llama, calib_text, tmp_pat
     assert d["inputs"] == "teacher+student" and [b["layer"] for b in d["blocks"]] == [0, 1]
     for b in d["blocks"]:
         assert set(b["loss_before"]) == {"teacher", "student"}
-        assert b["loss_after"]["teacher"] < b["loss_before"]["teacher"]
+        assert b["kept"] and b["loss_after"]["teacher"] < b["loss_before"]["teacher"]
     assert all("error_init" in e for e in m["linears"].values())
     model, _ = load_artifact(out)
     assert torch.isfinite(model(torch.randint(0, 1000, (1, 8))).logits).all()
@@ -97,6 +97,20 @@ def test_distill_lowrank_artifact_records_losses(tiny_llama, calib_text, tmp_pat
     src = open_source(str(tiny_llama))
     norm = "model.layers.1.post_attention_layernorm.weight"
     assert torch.equal(model.get_parameter(norm), src.tensor(norm))
+
+
+def test_distill_keeps_initial_factors_when_training_makes_a_block_worse(tiny_llama, calib_text, tmp_path, cli):
+    """A learning rate far too hot wrecks every block; each then keeps its initial L and R, bit for bit."""
+    common = ["--method", "lowrank", "--rank", "32", "--calib", calib_text, *FAST]
+    code, _, err = cli("compress", tiny_llama, "-o", tmp_path / "plain", *common)
+    assert code == 0, err
+    code, _, err = cli("compress", tiny_llama, "-o", tmp_path / "hot", *common, "--refine", "distill",
+                       "--distill-steps", "3", "--distill-lr", "10")
+    assert code == 0, err
+    blocks = read_manifest(tmp_path / "hot")["distill"]["blocks"]
+    assert blocks and not any(b["kept"] for b in blocks)
+    assert all(sum(b["loss_after"].values()) >= sum(b["loss_before"].values()) for b in blocks)
+    assert _tensors_bytes(tmp_path / "hot") == _tensors_bytes(tmp_path / "plain")
 
 
 def _tensors_bytes(path):

@@ -52,6 +52,7 @@ POINTS: list[tuple[str, str, list[str]]] = [
     ("svd-30", "plain SVD (--no-whiten)", p30("--no-whiten")),
     ("white-30", "whitened", p30()),
     ("distill-30", "whitened + distill (teacher+student)", p30(*DISTILL)),
+    ("distill-20-default", "whitened + distill, CLI defaults (64 steps of 4, lr 1e-4)", p20("--refine", "distill")),
 ]
 
 
@@ -132,6 +133,8 @@ def report(rows: dict[str, dict], base: dict) -> str:
         for key, what in (("svd", "plain SVD"), ("white", "whitened (SVD-LLM)"),
                           ("distill", "whitened + distill (teacher+student)")):
             lines.append(_row(get(f"{key}-{pct}"), f"{pct}%: {what}"))
+        if pct == "20" and get("distill-20-default"):
+            lines.append(_row(get("distill-20-default"), "20%: whitened + distill, CLI defaults (64 steps of 4)"))
     lines += ["", "### Distillation inputs at 20% fewer parameters", "", *head]
     for key, what in (("distill-20-teacher", "teacher"), ("distill-20-student", "student"),
                       ("distill-20", "teacher+student")):

@@ -543,6 +543,18 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _load_note(rows: list[dict]) -> str:
+    """What the 1-minute load averages at the llama-bench runs say about how far to trust absolute numbers."""
+    loads = [r["bench"]["load_before"] for r in rows if (r.get("bench") or {}).get("load_before") is not None]
+    if not loads:
+        return ""
+    if max(loads) < 2.5:  # 2 cores: up to ~2 means the bench itself, nothing else
+        return (f"Taken on an otherwise idle machine (1-minute load average {min(loads):.1f}–{max(loads):.1f} "
+                "before each bench, in the table).")
+    return (f"**Taken under contention** (1-minute load average up to {max(loads):.1f}, in the table): read ratios "
+            "between rows, not absolute numbers.")
+
+
 def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, env: dict) -> str:
     order = {"reference": 0, "llama-quantize": 1, "onnxruntime": 1, "lrdeploy": 2}
     gguf_rows = sorted(gguf_rows, key=lambda r: (order.get(r["group"], 3), -r["bytes"]))
@@ -568,9 +580,7 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         "(Q + L + R, scales included) / their weight count, lrdeploy's definition (embeddings, norms and the "
         "lm_head left out; ONNX: the quantized lm_head is left out of bpw but counted in file bytes).",
         f"- Speed: `llama-bench -p 512 -n 128 -t {a.threads} -r {a.reps}`, median tokens/s, CPU "
-        f"({platform.machine()}, {os.cpu_count()} cores). **Taken under contention**: the machine is shared with a "
-        "long benchmark and other jobs, and every tool ran under `nice -n 19`; the 1-minute load average at each "
-        "bench is in the table. Read ratios between rows, not absolute numbers.",
+        f"({platform.machine()}, {os.cpu_count()} cores), every tool under `nice -n 19`. {_load_note(gguf_rows)}",
         "",
         "| file | method | protocol | file MB | linear bpw | ppl | pp512 tok/s | tg128 tok/s | load avg |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -650,7 +660,7 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         ]
     spent = {k: v for k, v in STEPS.seconds.items() if v >= 5}
     if spent:
-        lines += ["Wall time of the steps this invocation ran (under contention; cached steps cost nothing): "
+        lines += ["Wall time of the steps this invocation ran (cached steps cost nothing): "
                   + ", ".join(f"{k} {v / 60:.1f} min" for k, v in spent.items()) + ".", ""]
     return "\n".join(lines)
 
