@@ -53,7 +53,8 @@ def markdown(report: dict, command: str) -> str:
             mc = r["max_ctx"]
             note = " (model limit)" if mc["limited_by"] == "model" else ""
             check = "" if mc["checked"] else " (none fits)"
-            row += f" {mc['tokens']:,}{note}{check} ({_x(v['max_ctx'])}) |"
+            ratio = f" ({_x(v['max_ctx'])})" if v["max_ctx"] is not None else ""
+            row += f" {mc['tokens']:,}{note}{check}{ratio} |"
         if report["ppl"]:
             row += f" {r['ppl']:.2f} |"
         lines.append(row)
