@@ -129,6 +129,39 @@ def captured_stderr(sink: list[str]) -> Iterator[None]:
             sink.append(tmp.read().decode("utf-8", errors="replace"))
 
 
+def amx_in_build(llama_cpp: Any) -> bool:
+    """Whether this llama.cpp build carries ggml's AMX kernels (Intel Sapphire Rapids and later)."""
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded inside keep their weights in plain CPU buffers when the build has AMX kernels.
+
+    ggml's AMX matmul segfaults on the first decode on some AMX machines (llama.cpp issue #20824, open), and it
+    did so here for every q4_0 GGUF of SmolLM2. Turning off llama.cpp's extra buffer types (`--no-repack` in its
+    own tools) avoids it. llama-cpp-python has no argument for `use_extra_bufts`, so its default-parameter factory
+    is wrapped while the model loads.
+    """
+    if not amx_in_build(llama_cpp):
+        yield
+        return
+    import llama_cpp.llama as high_level
+
+    factory = high_level.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = factory()
+        p.use_extra_bufts = False
+        return p
+
+    high_level.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high_level.llama_cpp.llama_model_default_params = factory
+
+
 def _last_error(log: str) -> str:
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
@@ -147,7 +180,7 @@ def load_llama(model: Path, lora: Path | None, n_ctx: int, device: str = "auto",
     log: list[str] = []
     what = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
     try:
-        with captured_stderr(log):
+        with captured_stderr(log), plain_cpu_buffers(llama_cpp):
             params = {"n_batch": n_ctx, "n_ubatch": min(n_ctx, 512), "logits_all": True, "n_gpu_layers": layers,
                       "n_threads": threads, "n_threads_batch": threads, "verbose": False, **kwargs}
             llm = llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,

@@ -41,7 +41,7 @@ from lrdeploy.exporters.gguf import (
     row_fit_problem,
 )
 from lrdeploy.runtime.eval import perplexity
-from lrdeploy.runtime.llamacpp import open_llamacpp
+from lrdeploy.runtime.llamacpp import amx_in_build, open_llamacpp, plain_cpu_buffers
 
 COMBOS = [("q2_k", "f16"), ("q3_k", "q8_0"), ("q4_k", "q8_0")]
 RMS_TOL, MAX_TOL, ARGMAX_MIN = 0.03, 0.20, 0.95
@@ -198,6 +198,19 @@ def test_export_message_json_and_inputs(tiny_export, cli, tmp_path):
     code, _, err = cli("export", tmp_path / "missing", "--format", "gguf", "-o", tmp_path / "y")
     assert code == 2 and "no such" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+def test_amx_builds_load_into_plain_cpu_buffers():
+    """ggml's AMX matmul segfaults on AMX machines (llama.cpp #20824): such builds load without extra buffers."""
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    factory = high_level.llama_cpp.llama_model_default_params
+    assert factory().use_extra_bufts
+    with plain_cpu_buffers(llama_cpp):
+        inside = high_level.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert inside is not amx_in_build(llama_cpp)
+    assert high_level.llama_cpp.llama_model_default_params is factory
 
 
 def test_llamacpp_tokenizer_matches_hf(tiny_export):

@@ -167,10 +167,10 @@ def main() -> None:
 
 def _speed_llama(llama_cpp, model: Path, lora: Path | None, n_ctx: int, n_batch: int, threads: int):
     """A context without all-position logits (speed runs), LoRA attached like the eval path does."""
-    from lrdeploy.runtime.llamacpp import captured_stderr
+    from lrdeploy.runtime.llamacpp import captured_stderr, plain_cpu_buffers
 
     log: list[str] = []
-    with captured_stderr(log):
+    with captured_stderr(log), plain_cpu_buffers(llama_cpp):
         llm = llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
                               n_batch=n_batch, n_ubatch=n_batch, n_threads=threads, n_threads_batch=threads,
                               verbose=False)

@@ -57,6 +57,12 @@ PRESETS = ("Q2_K", "IQ2_XS", "Q3_K_S", "Q4_K_M")
 NICE = ["nice", "-n", "19"]
 CALIB_RANGE, EVAL_RANGE = "0:0.5", "0.5:1"
 CTX = 512
+BUILD = WORK / f"build-{LLAMA_BIN_VERSION.split('.')[0]}-noamx"
+# ggml's AMX matmul segfaults on some Sapphire Rapids machines (llama.cpp issue #20824; it did on every q4_0 GGUF
+# of SmolLM2 here). An explicit -mno-* wins over -march=native in GCC and clang, so the native build leaves AMX out.
+_AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+NO_AMX = [f"-DCMAKE_C_FLAGS={_AMX_OFF}", f"-DCMAKE_CXX_FLAGS={_AMX_OFF}"] if platform.machine() in (
+    "x86_64", "AMD64") else []
 
 # Our points: (label, compress args). --target gguf keeps every row whole so stock llama.cpp runs the export; on
 # SmolLM2 that means q2_k/q3_k only in ffn_down, q4_0 elsewhere (see README's note on fallbacks).
@@ -169,7 +175,7 @@ def llama_source() -> Path:
 
 def build_tools(jobs: int) -> dict[str, Path]:
     """llama.cpp's four tools, built once: Release, static, CPU only, no curl/ssl, no tests, examples or server."""
-    build = WORK / f"build-{LLAMA_BIN_VERSION.split('.')[0]}"
+    build = BUILD
     bins = {t: build / "bin" / t for t in TOOLS}
     if all(p.is_file() for p in bins.values()):
         return bins
@@ -178,7 +184,7 @@ def build_tools(jobs: int) -> dict[str, Path]:
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     run([*NICE, "cmake", "-S", src, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-         "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON"])
+         "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", *NO_AMX])
     log(f"building {', '.join(TOOLS)} (-j{jobs})")
     run([*NICE, "cmake", "--build", build, "-j", str(jobs), "--target", *TOOLS], WORK / "build.log")
     STEPS.add("build llama.cpp tools", t0)
@@ -742,8 +748,7 @@ def main() -> None:
             return None
         return cached(key, make)
 
-    build = WORK / f"build-{LLAMA_BIN_VERSION.split('.')[0]}"
-    bins = build_tools(a.jobs) if live("gguf") else {t: build / "bin" / t for t in TOOLS}
+    bins = build_tools(a.jobs) if live("gguf") else {t: BUILD / "bin" / t for t in TOOLS}
     calib, text = write_texts()
     env = {"onnxruntime": __import__("onnxruntime").__version__}
 
