@@ -88,7 +88,7 @@ def main() -> None:
     from lrdeploy.exporters.gguf import export_gguf
     from lrdeploy.runtime.eval import perplexity
     from lrdeploy.runtime.inspect import export_bpw
-    from lrdeploy.runtime.llamacpp import open_llamacpp
+    from lrdeploy.runtime.llamacpp import amx_in_build, open_llamacpp
 
     calib = str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
     a.work.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,9 @@ def main() -> None:
         f"{' --artifact ' + str(a.artifact) if a.artifact else ''}`",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, "
         f"load average {load:.1f} at start; llama-cpp-python {llama_cpp.__version__}, CPU. Medians of {a.runs} "
-        "runs after a warm-up, variants interleaved within each run.",
+        "runs after a warm-up, variants interleaved within each run."
+        + (" This build has AMX, so every model loads into plain CPU buffers (no weight repacking; README, "
+           "Troubleshooting)." if amx_in_build(llama_cpp) else ""),
         f"Artifact: {art} (bpw {rows['base + adapter (lrdeploy)']['bpw']:.3f} over the linears). "
         f"llama-quantize preset {preset} is the closest in file size among {', '.join(PRESETS)}.",
         f"Perplexity: llama.cpp, {a.ppl_windows} windows of 256 tokens from the second half of "
