@@ -129,8 +129,10 @@ def captured_stderr(sink: list[str]) -> Iterator[None]:
             sink.append(tmp.read().decode("utf-8", errors="replace"))
 
 
-def amx_in_build(llama_cpp: Any) -> bool:
+def amx_in_build() -> bool:
     """Whether this llama.cpp build carries ggml's AMX kernels (Intel Sapphire Rapids and later)."""
+    import llama_cpp
+
     return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
@@ -143,7 +145,7 @@ def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
     own tools) avoids it. llama-cpp-python has no argument for `use_extra_bufts`, so its default-parameter factory
     is wrapped while the model loads.
     """
-    if not amx_in_build(llama_cpp):
+    if not amx_in_build():
         yield
         return
     import llama_cpp.llama as high_level

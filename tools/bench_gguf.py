@@ -145,7 +145,7 @@ def main() -> None:
         f"load average {load:.1f} at start; llama-cpp-python {llama_cpp.__version__}, CPU. Medians of {a.runs} "
         "runs after a warm-up, variants interleaved within each run."
         + (" This build has AMX, so every model loads into plain CPU buffers (no weight repacking; README, "
-           "Troubleshooting)." if amx_in_build(llama_cpp) else ""),
+           "Troubleshooting)." if amx_in_build() else ""),
         f"Artifact: {art} (bpw {rows['base + adapter (lrdeploy)']['bpw']:.3f} over the linears). "
         f"llama-quantize preset {preset} is the closest in file size among {', '.join(PRESETS)}.",
         f"Perplexity: llama.cpp, {a.ppl_windows} windows of 256 tokens from the second half of "

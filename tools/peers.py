@@ -181,18 +181,17 @@ def llama_source() -> Path:
 
 def build_tools(jobs: int) -> dict[str, Path]:
     """llama.cpp's four tools, built once: Release, static, CPU only, no curl/ssl, no tests, examples or server."""
-    build = BUILD
-    bins = {t: build / "bin" / t for t in TOOLS}
+    bins = {t: BUILD / "bin" / t for t in TOOLS}
     if all(p.is_file() for p in bins.values()):
         return bins
     t0 = time.perf_counter()
     src = llama_source()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    run([*NICE, "cmake", "-S", src, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+    run([*NICE, "cmake", "-S", src, "-B", BUILD, *generator, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
          "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", *NO_AMX])
     log(f"building {', '.join(TOOLS)} (-j{jobs})")
-    run([*NICE, "cmake", "--build", build, "-j", str(jobs), "--target", *TOOLS], WORK / "build.log")
+    run([*NICE, "cmake", "--build", BUILD, "-j", str(jobs), "--target", *TOOLS], WORK / "build.log")
     STEPS.add("build llama.cpp tools", t0)
     return bins
 
@@ -591,12 +590,22 @@ def plot(gguf_rows: list[dict], onnx_rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _amx() -> bool:
-    import llama_cpp
+def h_error_ratio(worse: str, better: str) -> tuple[float, float] | None:
+    """Lowest and highest ratio, over linear types, of the mean calibration H-error of two of our artifacts.
 
-    from lrdeploy.runtime.llamacpp import amx_in_build
-
-    return amx_in_build(llama_cpp)
+    The errors are the ones the compressor recorded in each manifest; None when either artifact is missing.
+    """
+    errors = []
+    for label in (worse, better):
+        manifest = WORK / "art" / slug(label) / "lrdeploy.json"
+        if not manifest.is_file():
+            return None
+        by_type: dict[str, list[float]] = {}
+        for name, linear in json.loads(manifest.read_text())["linears"].items():
+            by_type.setdefault(name.rsplit(".", 1)[-1], []).append(linear["error"])
+        errors.append({t: statistics.mean(v) for t, v in by_type.items()})
+    ratios = [errors[0][t] / errors[1][t] for t in errors[0] if errors[1].get(t)]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -691,12 +700,15 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         lines.append("")
 
     ours = [r for r in gguf_rows if r["group"] == "lrdeploy" and r.get("ppl") is not None]
+    above: list[str] = []
     if ours and quant:
         lines += ["**Where our GGUF points sit against llama-quantize's curve** (its frontier: the lowest perplexity "
                   "llama-quantize reaches at each size, log-linear between presets; same protocol, same text):", ""]
         for r in ours:
             near = min(quant, key=lambda q: abs(q["bytes"] - r["bytes"]))
             at = interp_ppl(curve, r["bytes"])
+            if at is not None and r["ppl"] >= at:
+                above.append(r["short"])
             where = ("outside llama-quantize's size range" if at is None else
                      f"{'below' if r['ppl'] < at else 'above'} the curve (llama-quantize at this size ≈ {at:.2f})")
             beaten = [q["short"] for q in quant if q["bytes"] <= r["bytes"] and q["ppl"] <= r["ppl"]]
@@ -723,17 +735,19 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
             "margins are paired, but they are not tested for significance here.",
             "",
         ]
-    above = [r["short"] for r in ours if (at := interp_ppl(curve, r["bytes"])) is not None and r["ppl"] >= at]
     if above:
+        ratio = h_error_ratio("rtn q4_0", "ldlq q4_0")
+        ldlq_vs_rtn = "" if ratio is None else (
+            f"On this grid LDLQ's calibration H-error is {ratio[0]:.1f}–{ratio[1]:.1f}× below that of lrdeploy's own "
+            "importance-weighted RTN (means per linear type, from the `error` each artifact's manifest records; the "
+            "lrdeploy rtn q4_0 row), yet its perplexity is higher: at 4 bits on SmolLM2, LDLQ's in-sample objective "
+            "does not carry over to the model. Why is not established; two candidates are overfitting to the "
+            "calibration Hessian, and SmolLM2's weights sitting on a Q4_1 grid that LDLQ's error feedback moves them "
+            "off. ")
         lines += [
             f"Above the curve: {', '.join(above)}. llama-quantize's Q4_0 with the imatrix is the point they lose to: "
             "a 4.5-bpw q4_0 in every linear, ffn_down included. Ours keep q2_k in ffn_down (+ L·R) or round q4_0 "
-            "with LDLQ. On this grid LDLQ's calibration H-error per linear is 2–3× below that of lrdeploy's own "
-            "importance-weighted RTN (`--method rtn`, the row above), yet its perplexity is higher: at 4 bits on "
-            "SmolLM2, LDLQ's in-sample objective does not carry over to the model. Why is not established; two "
-            "candidates are overfitting to the calibration Hessian, and SmolLM2's weights sitting on a Q4_1 grid "
-            "that LDLQ's error feedback moves them off. Where ffn_down is 2–3-bit, at Q2_K's bytes and below, ours "
-            "are below the curve.",
+            f"with LDLQ. {ldlq_vs_rtn}Where ffn_down is 2–3-bit, at Q2_K's bytes and below, ours are below the curve.",
             "",
         ]
     if onnx_rows:
@@ -749,6 +763,8 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         ]
     lora_rows = [r for r in ours if r.get("lora_cost")]
     if lora_rows:
+        from lrdeploy.runtime.llamacpp import amx_in_build
+
         lc0 = lora_rows[0]["lora_cost"]
         lines += [
             f"The LoRA path's cost: llama-bench takes no adapter, so its numbers above are for the base alone. The "
@@ -758,7 +774,8 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
             + "; ".join(f"{r['short']}: decode × {r['lora_cost']['decode_ratio']:.2f}, prefill × "
                         f"{r['lora_cost']['prefill_ratio']:.2f}" for r in lora_rows) + "."
             + (" This llama-cpp-python build has AMX, so both loads used plain CPU buffers (no weight repacking; "
-               "README, Troubleshooting), while llama-bench's build leaves AMX out and repacks." if _amx() else ""),
+               "README, Troubleshooting), while llama-bench's build leaves AMX out and repacks."
+               if amx_in_build() else ""),
             "",
         ]
     spent = {k: v for k, v in STEPS.seconds.items() if v >= 5}
