@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lrdeploy.errors import LrdError
+from lrdeploy.errors import LrdError, ctrl_c_wins
 
 app = typer.Typer(
     add_completion=False,
@@ -56,6 +56,8 @@ def compress(
     target: str = typer.Option("gguf", help="Format constraints to respect: gguf (rows fit blocks) | onnx | any."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="Per-tensor Q format override NAME=FMT, "
                                           "e.g. down_proj=q3_k (substring of the linear's name; repeatable)."),
+    tensor_rank: list[str] = typer.Option([], "--tensor-rank", help="Per-tensor rank override NAME=N, e.g. "
+                                          "self_attn=0 for L·R only in the MLP (substring; repeatable)."),
     no_whiten: bool = typer.Option(False, "--no-whiten", help="lowrank: plain SVD instead of the H-whitened fit."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail instead of falling back to q4_0/q8_0 where "
                                      "a tensor's rows don't fit --q-format."),
@@ -87,7 +89,8 @@ def compress(
         method=method, q_format=q_format, rank=rank, lr_format=lr_format, iters=iters, lplr_iters=lplr_iters,
         calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
         device=device, inputs=inputs, target=target, whiten=not no_whiten, allow_fallback=not no_fallback,
-        tensor_types=_pairs(tensor_type, "--tensor-type"), refine=refine, distill_inputs=distill_inputs,
+        tensor_types=_pairs(tensor_type, "--tensor-type"), tensor_ranks=_int_pairs(tensor_rank, "--tensor-rank"),
+        refine=refine, distill_inputs=distill_inputs,
         distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
         target_params=target_params, target_bpw=target_bpw, allocation=allocation,
     )
@@ -96,8 +99,9 @@ def compress(
     with _progress(quiet or as_json) as bar:
         task = bar.add_task("compressing", total=src.n_layers * len(LINEARS))
         try:
-            result = run(src, opts, output, resume=resume, force=force,
-                         progress=lambda d: bar.update(task, advance=1, description=d))
+            with ctrl_c_wins():
+                result = run(src, opts, output, resume=resume, force=force,
+                             progress=lambda d: bar.update(task, advance=1, description=d))
         except KeyboardInterrupt:
             bar.stop()
             err.print(f"interrupted; finished layers are kept. Resume with: {_resume_command()}", soft_wrap=True)
@@ -135,6 +139,16 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
         if not sep or not key or not value:
             raise LrdError(f"{flag} expects NAME=VALUE, got '{item}'")
         pairs[key] = value
+    return pairs
+
+
+def _int_pairs(items: list[str], flag: str) -> dict[str, int]:
+    pairs = {}
+    for key, value in _pairs(items, flag).items():
+        try:
+            pairs[key] = int(value)
+        except ValueError:
+            raise LrdError(f"{flag} expects NAME=INTEGER, got '{key}={value}'") from None
     return pairs
 
 
@@ -314,7 +328,8 @@ def _print_bench(result: dict, report: Path | None) -> None:
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)  # non-standalone click returns typer.Exit / Ctrl-C codes instead of exiting
+        with ctrl_c_wins():
+            code = app(standalone_mode=False)  # non-standalone: codes come back, no exit
         if isinstance(code, int) and code:
             sys.exit(code)
     except LrdError as e:

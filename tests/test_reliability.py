@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,6 +173,12 @@ CASES: dict[str, tuple[Case, str]] = {
                       "--rank must be positive"),
     "rank too big": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--method", "lowrank", "--rank", "64"],
                      "is not below min(out, in)"),
+    "tensor rank for ldlq": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--method", "ldlq",
+                                          "--tensor-rank", "mlp=32"], "method ldlq has no low-rank part"),
+    "tensor rank not a number": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--tensor-rank", "mlp=x"],
+                                 "--tensor-rank expects NAME=INTEGER, got 'mlp=x'"),
+    "tensor ranks differ for gguf": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--rank", "32",
+                                                   "--tensor-rank", "mlp=64"], "a GGUF LoRA adapter has one rank"),
     "unknown q-format": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--q-format", "q9_k"],
                          "unknown format 'q9_k'"),
     "unknown lr-format": (lambda t, s: ["compress", s["model"], "-o", t / "out", "--lr-format", "q3_x"],
@@ -366,6 +373,60 @@ def test_sigint_prints_resume_and_resume_is_byte_identical(tmp_path, calib_text)
     resumed = subprocess.run(exe + args + ["-o", str(out), "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     _same_artifact(out, tmp_path / "full")
+
+
+def test_sigint_inside_a_tensor_read_is_still_an_interrupt(reference, two_blocks, calib_text, tmp_path, cli,
+                                                         monkeypatch):
+    """A real SIGINT while block 1's weights are read, which safetensors turns into a TypeError (seen in CI):
+    exit 130 with the resume hint, not "cannot read"; block 0 kept; --resume ends byte-identically."""
+    import safetensors
+
+    real = safetensors.safe_open
+    reads = []
+
+    class InterruptedOpen:
+        """The real safe_open; its first read of block 1 gets a real SIGINT, surfacing as the library's own error."""
+
+        def __init__(self, *a, **k) -> None:
+            self.f = real(*a, **k)
+
+        def __enter__(self) -> InterruptedOpen:
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.__exit__(*exc)
+
+        def get_tensor(self, name: str):
+            if name.startswith("model.layers.1.") and not reads:
+                reads.append(name)
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)  # the handler raises KeyboardInterrupt long before this ends
+                except KeyboardInterrupt:
+                    why = "could not determine the shape of object type 'torch.storage.UntypedStorage'"
+                    raise TypeError(why) from None
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", InterruptedOpen)
+    out = tmp_path / "art"
+    args = ["compress", two_blocks, "-o", out, "--calib", calib_text, *RESUMABLE]
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background runner may ignore SIGINT
+    try:
+        code, _, err = cli(*args)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert reads and code == 130, err
+    assert "cannot read" not in err and "Resume with: lrdeploy compress" in err
+    from lrdeploy import errors
+
+    assert not errors._sigint_seen  # forgotten once the command ends: a later error stays that error
+    assert json.loads((tmp_path / "art.partial" / "state.json").read_text())["layers_done"] == 1
+
+    monkeypatch.setattr(safetensors, "safe_open", real)
+    code, _, err = cli(*args, "--resume")
+    assert code == 0, err
+    _same_artifact(out, reference)
 
 
 def test_stopped_while_finishing_resumes(small, calib_text, tmp_path):
