@@ -254,11 +254,11 @@ def decompose(
     W = W.float()
     Q: Quantized | None = None
     LR: LowRank | None = None
-    if method == "caldera":
+    if method == "caldera" and rank:
         return caldera(W, fac, grids.get_grid(q_format), rank, lr_format, iters, lplr_iters)
     if method == "rtn":
         Q = rtn(W, grids.get_grid(q_format), torch.diagonal(fac.H))
-    elif method == "ldlq":
+    elif method in ("ldlq", "caldera"):  # caldera at rank 0 is LDLQ alone
         Q = ldlq(W, fac, grids.get_grid(q_format))
     elif method == "lowrank":
         if whiten:

@@ -68,6 +68,7 @@ class CompressOptions:
     whiten: bool = True
     batch_size: int = 8
     tensor_types: dict[str, str] = field(default_factory=dict)  # name substring -> q_format, like llama-quantize
+    tensor_ranks: dict[str, int] = field(default_factory=dict)  # name substring -> rank (0: no L·R there)
     allow_fallback: bool = True  # False: a tensor whose rows don't fit q_format is an error, not a q4_0/q8_0 tensor
     refine: str = "none"  # none | distill (Lillama block-level feature distillation of L and R)
     distill_inputs: str = "teacher+student"
@@ -107,6 +108,7 @@ class CompressOptions:
         if o.rank and o.lr_format != "f16" and o.rank % 32 and o.target == "gguf":
             raise LrdError(f"--lr-format {o.lr_format} needs --rank to be a multiple of 32 for GGUF (got {o.rank}); "
                            "use --target onnx|any or --lr-format f16")
+        _check_tensor_ranks(o)
         for pattern, fmt in o.tensor_types.items():
             if fmt not in grids.GRIDS:
                 raise LrdError(f"unknown format '{fmt}' in --tensor-type {pattern}={fmt}; "
@@ -161,6 +163,22 @@ def _check_budget(o: CompressOptions) -> None:
             raise LrdError(f"--target-bpw must be positive, got {o.target_bpw}")
 
 
+def _check_tensor_ranks(o: CompressOptions) -> None:
+    for pattern, r in o.tensor_ranks.items():
+        flag = f"--tensor-rank {pattern}={r}"
+        if o.targeted:
+            raise LrdError(f"{flag} and a size target exclude each other: the target decides the ranks")
+        if o.method in ("rtn", "ldlq") and r:
+            raise LrdError(f"{flag}: method {o.method} has no low-rank part (use caldera)")
+        if r < 0 or (o.method == "lowrank" and r == 0):
+            raise LrdError(f"{flag}: the rank must be positive" + ("" if o.method == "lowrank" else " or 0 (no L·R)"))
+        if r and o.lr_format != "f16" and r % 32 and o.target == "gguf":
+            raise LrdError(f"{flag}: --lr-format {o.lr_format} needs a multiple of 32 for GGUF")
+        if r and o.target == "gguf" and o.rank and r != o.rank:
+            raise LrdError(f"{flag}: a GGUF LoRA adapter has one rank, and --rank is {o.rank}; use {o.rank} or 0, "
+                           "or --target onnx|any")
+
+
 def _check_refine(o: CompressOptions) -> None:
     if o.refine not in REFINES:
         raise LrdError(f"unknown --refine '{o.refine}'; choose one of {', '.join(REFINES)}")
@@ -190,10 +208,14 @@ class LinearPlan:
 def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int | None = None) -> LinearPlan:
     """Apply the target's row constraints to one linear, falling back per tensor the way llama-quantize does.
 
-    RANK overrides o.rank (a size target allocates one rank per linear).
+    RANK overrides o.rank (a size target allocates one rank per linear); else --tensor-rank patterns do, last wins.
     """
     out, in_ = shape
-    rank = o.rank if rank is None else rank
+    if rank is None:
+        rank = o.rank
+        for pattern, r in o.tensor_ranks.items():
+            if pattern in name:
+                rank = r
     if rank and rank >= min(out, in_):
         raise LrdError(f"--rank {rank} is not below min(out, in) = {min(out, in_)} for {name} {out}x{in_}")
     per_row = o.target == "gguf"

@@ -88,6 +88,34 @@ def test_methods_and_qwen2_bias(tiny_qwen2, calib_text, tmp_path, cli, method, e
         assert q.rank == 0 and q.q is not None
 
 
+def test_tensor_rank_puts_lr_only_where_asked(tiny_llama, calib_text, tmp_path, cli):
+    """--tensor-rank self_attn=0: attention is plain LDLQ (block 0's Q byte-identical to an ldlq run, whose H is the
+    same), the MLP keeps rank 32, bpw counts only what is stored, and the GGUF adapter holds only MLP tensors."""
+    import gguf
+
+    from lrdeploy.artifact import ArtifactTensors
+    from lrdeploy.exporters.gguf import ADAPTER, export_gguf
+
+    runs = {"caldera": ["--tensor-rank", "self_attn=0"], "ldlq": ["--method", "ldlq"]}
+    for name, extra in runs.items():
+        code, _, err = cli("compress", tiny_llama, "-o", tmp_path / name, "--calib", calib_text, *FAST, *extra)
+        assert code == 0, err
+    m = read_manifest(tmp_path / "caldera")
+    ranks = {k: v["rank"] for k, v in m["linears"].items()}
+    assert all(r == (0 if ".self_attn." in k else 32) for k, r in ranks.items()), ranks
+    ref = read_manifest(tmp_path / "ldlq")
+    ours, theirs = ArtifactTensors(tmp_path / "caldera", m), ArtifactTensors(tmp_path / "ldlq", ref)
+    for lin in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        key = f"model.layers.0.self_attn.{lin}.q"
+        assert torch.equal(ours.raw(key), theirs.raw(key)), key
+    lr_bytes = sum((v["shape"][0] + v["shape"][1]) * 32 * 18 // 32 for k, v in m["linears"].items() if ranks[k])
+    assert m["summary"]["linear_bytes"] == ref["summary"]["linear_bytes"] + lr_bytes
+
+    export_gguf(str(tmp_path / "caldera"), tmp_path / "gguf")
+    names = [t.name for t in gguf.GGUFReader(tmp_path / "gguf" / ADAPTER).tensors]
+    assert names and all(".ffn_" in n for n in names), names
+
+
 def test_ldlq_beats_rtn_on_model(tiny_llama, calib_text, tmp_path):
     errs = {}
     for method in ("rtn", "ldlq"):
