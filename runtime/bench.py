@@ -654,6 +654,10 @@ def machine() -> dict:
             info[pkg] = __import__(pkg).__version__
         except ImportError:
             pass
+    if "llama_cpp" in info:
+        from lrdeploy.runtime.llamacpp import amx_in_build
+
+        info["llama_cpp_amx"] = amx_in_build()  # then llama.cpp rows ran on plain CPU buffers, no repacking
     info["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return info
 

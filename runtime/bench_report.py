@@ -35,7 +35,10 @@ def markdown(report: dict, command: str) -> str:
         f"{report['gen_tokens']} greedy tokens. Models alternate within each round (A B A B). Ratios (×) are against "
         "the uncompressed model on the same backend. Memory is what the model adds to the process: resident memory "
         "(RSS; CUDA peak on GPU) less that of the interpreter with every runtime library already imported, so "
-        "Python's own footprint does not dilute the comparison. The memory budget applies to the same quantity.",
+        "Python's own footprint does not dilute the comparison. The memory budget applies to the same quantity."
+        + (" This llama.cpp build has AMX kernels, so every llama.cpp model (the baseline too) loaded its weights into "
+           "plain CPU buffers, without repacking, to avoid ggml's AMX crash (README, Troubleshooting)."
+           if m.get("llama_cpp_amx") and any(r["backend"] == "llamacpp" for r in models) else ""),
         "",
         "## Size, memory and context",
         "",

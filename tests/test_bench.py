@@ -80,6 +80,10 @@ def test_report_files_and_fields(report):
     for heading in ("## Size, memory and context", "## Throughput and peak memory by context",
                     "## How the maximum context was found"):
         assert heading in md
+    from lrdeploy.runtime.llamacpp import amx_in_build
+
+    assert data["machine"]["llama_cpp_amx"] is amx_in_build()  # llama.cpp rows say when they ran without repacking
+    assert ("plain CPU buffers, without repacking" in md) is amx_in_build()
     for png in ("throughput-vs-ctx.png", "memory-vs-ctx.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png})" in md
