@@ -73,6 +73,8 @@ OURS: list[tuple[str, list[str]]] = [
     ("ldlq q3_k", ["--method", "ldlq", "--q-format", "q3_k"]),
     ("ldlq q4_0", ["--method", "ldlq", "--q-format", "q4_0"]),  # llama-quantize Q4_0's types, Hessian-aware
     ("rtn q4_0", ["--method", "rtn", "--q-format", "q4_0"]),  # the same with importance-weighted rounding only
+    ("caldera q2_k + r32 q4_0 + distill", ["--method", "caldera", "--q-format", "q2_k", "--rank", "32",
+                                           "--lr-format", "q4_0", "--refine", "distill"]),  # the default, distilled
 ]
 DEMO_ARTIFACT = REPO / "out" / "smollm2-caldera"  # tools/demo.sh's artifact: the defaults, reused when present
 
