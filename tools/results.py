@@ -144,23 +144,13 @@ def report(rows: list[dict], base: dict) -> str:
     lines += [
         "What the rows say about caldera against ldlq:",
         "",
-        "- Without distillation, caldera is level with ldlq on SmolLM2, not ahead. The checks above put both "
-        "full-rank caldera points with q2_k in Q within 0.7 perplexity of ldlq's interpolated curve, one on each "
-        "side. Session 3's machine measured the same two settings at 46.03 and 41.50, against a curve of 43.69 and "
-        "41.47 there: CPU-dependent rounding moves these rows by up to 1.7 points, more than the margins.",
+        *_plain_caldera(rows),
         "- The low-rank part is dear on a model this narrow. Rank r in q4_0 costs r·(m+n)·4.5/(m·n) bits per "
         "weight: 0.50 bpw for r = 32 on a 576×576 linear, 1.0 on the 576×192 k/v projections and 0.34 on "
         "576×1536, against 0.14 for r = 64 on Llama-2-7B's 4096×4096. L·R cannot go below rank 32 in q4_0, whose "
         "32-blocks run along the rank.",
-        "- Putting the rank in only part of each block does not help (`--tensor-rank`, the \"MLP only\" and "
-        "\"attention only\" rows): together the two buy less than half of what L·R in every linear buys (the "
-        "checks give each one's gain against ldlq with the same Q), so the gain is not additive across a block, "
-        "and both partial rows lie above ldlq's curve.",
-        "- With Lillama distillation of L and R (`--refine distill`, CLI defaults: 64 AdamW steps of 4 sequences "
-        "per block, teacher+student inputs, Q frozen), caldera is ahead: both \"+ distill\" rows lie 2.4–2.9 "
-        "perplexity below ldlq's curve (the checks), and the one at 3.242 bpw beats ldlq q3_k, which costs 0.2 bpw "
-        "more. It takes 16 minutes instead of 2–3 on 2 cores. ldlq has no L·R to train, so this is where the Q + L·R "
-        "form pays on a narrow model: the factors are what the block-level training can move.",
+        *_partial_caldera(rows),
+        *_distilled_caldera(rows),
         "",
         "Compress times are wall seconds of `lrdeploy compress` on one 2-core machine (Intel Xeon with AMX), every "
         "row on an otherwise idle machine, in the same session.",
@@ -196,20 +186,102 @@ def checks(rows: list[dict]) -> list[str]:
         if same_q:
             text += (f". Against ldlq with the same Q ({same_q['label']}), L·R buys {same_q['ppl'] - r['ppl']:.2f} "
                      f"perplexity for {r['bpw'] - same_q['bpw']:.3f} bpw")
-        curve = _interp([(x["bpw"], x["ppl"]) for x in ldlq], r["bpw"])
+        curve = _ldlq_curve(rows, r["bpw"])
         if curve is not None:
             text += f"; ldlq's curve, linearly interpolated, gives {curve:.2f} at {r['bpw']:.3f} bpw"
         out.append(text + ".")
     return out
 
 
+def _ldlq_curve(rows: list[dict], bpw: float) -> float | None:
+    """ldlq's perplexity at BPW, linear between its rows (None outside their range)."""
+    return _interp([(x["bpw"], x["ppl"]) for x in rows if x["method"] == "ldlq"], bpw)
+
+
+def _gaps(rows: list[dict], series: str) -> list[tuple[dict, float]]:
+    """The SERIES rows inside ldlq's bpw range, each with how far it lies below ldlq's curve (negative: above)."""
+    out = []
+    for r in rows:
+        curve = _ldlq_curve(rows, r["bpw"]) if _series(r) == series else None
+        if curve is not None:
+            out.append((r, curve - r["ppl"]))
+    return out
+
+
+def _span(values: list[float], spec: str) -> str:
+    lo, hi = format(min(values), spec), format(max(values), spec)
+    return lo if lo == hi else f"{lo} to {hi}" if min(values) < 0 else f"{lo}–{hi}"
+
+
+def _plain_caldera(rows: list[dict]) -> list[str]:
+    gaps = [g for _, g in _gaps(rows, "caldera")]
+    if not gaps:
+        return []
+    level = max(abs(g) for g in gaps) < 1.0
+    return [
+        f"- Without distillation, caldera is {'level with' if level else 'not ahead of'} ldlq on SmolLM2: its "
+        f"points inside ldlq's bpw range lie {_span(gaps, '+.2f')} perplexity from ldlq's "
+        "interpolated curve (positive: below it). Session 3's machine measured q2_k + r32 and q2_k, down q3_k + "
+        "r32 at 46.03 and 41.50, against a curve of 43.69 and 41.47 there: CPU-dependent rounding moves a row by "
+        "more than a point."
+    ]
+
+
+def _partial_caldera(rows: list[dict]) -> list[str]:
+    part = _gaps(rows, "caldera, L·R in part of each block")
+    if not part:
+        return []
+    gaps = [g for _, g in part]
+    by_args = {tuple(r["args"]): r for r in rows}
+    same_q = by_args.get(tuple(_q_args(part[0][0]["args"])))
+    full = by_args.get(tuple(_without(part[0][0]["args"], "--tensor-rank")))
+    split = ""
+    if same_q and full and all(_q_args(r["args"]) == _q_args(part[0][0]["args"]) for r, _ in part):
+        parts, whole = sum(same_q["ppl"] - r["ppl"] for r, _ in part), same_q["ppl"] - full["ppl"]
+        split = (f" Against ldlq with the same Q, the partial rows buy {parts:.2f} perplexity together and L·R in "
+                 f"every linear buys {whole:.2f}: the gain is {'not ' if parts < whole else ''}additive across a "
+                 "block.")
+    return [
+        f"- Putting the rank in only part of each block {'does not help' if max(gaps) < 0 else 'helps in places'} "
+        f"(`--tensor-rank`, the \"MLP only\" and \"attention only\" rows): they lie {_span(gaps, '+.2f')} "
+        f"perplexity from ldlq's curve (positive: below it).{split}"
+    ]
+
+
+def _distilled_caldera(rows: list[dict]) -> list[str]:
+    gaps = _gaps(rows, "caldera + distill")
+    if not gaps:
+        return []
+    below = [g for _, g in gaps]
+    where = (f"caldera is ahead: every \"+ distill\" row lies {_span(below, '.1f')} perplexity below ldlq's curve"
+             if min(below) > 0 else f"the \"+ distill\" rows lie {_span(below, '+.2f')} from ldlq's curve "
+             "(positive: below it)")
+    dearer = [f"{r['label']} ({r['ppl']:.2f}) beats {x['label']} ({x['ppl']:.2f}) at {x['bpw'] - r['bpw']:.3f} bpw "
+              "less" for r, _ in gaps for x in rows
+              if x["method"] == "ldlq" and x["bpw"] > r["bpw"] and x["ppl"] > r["ppl"]]
+    minutes = [r["compress_seconds"] / 60 for r, _ in gaps]
+    plain = [r["compress_seconds"] / 60 for r in rows if _series(r) == "caldera"]
+    return [
+        "- With Lillama distillation of L and R (`--refine distill`, CLI defaults: 64 AdamW steps of 4 sequences "
+        f"per block, teacher+student inputs, Q frozen): {where}" + (f"; {'; '.join(dearer)}" if dearer else "")
+        + f". It takes {_span(minutes, '.0f')} minutes instead of {_span(plain or [0], '.0f')} on 2 cores. "
+        "ldlq has no L·R to train, so this is where the Q + L·R form can pay on a narrow model: the factors are "
+        "what the block-level training can move."
+    ]
+
+
 def _q_args(args: list[str]) -> list[str]:
     """ARGS without the low-rank options: the ldlq run whose Q matches a caldera run."""
+    return _without(args, "--rank", "--lr-format", "--tensor-rank", "--refine")
+
+
+def _without(args: list[str], *options: str) -> list[str]:
+    """ARGS with each of OPTIONS and its value left out."""
     out, skip = [], False
     for a in args:
         if skip:
             skip = False
-        elif a in ("--rank", "--lr-format", "--tensor-rank", "--refine"):
+        elif a in options:
             skip = True
         else:
             out.append(a)
