@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lrdeploy.errors import LrdError
-from lrdeploy.io import sha256_file
+from lrdeploy.io import cache_root, sha256_file
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SMOLLM2 = "smollm2"
@@ -357,8 +357,7 @@ def gguf_meta_cache(path: Path) -> Path:
 
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LRDEPLOY_CACHE", Path.home() / ".cache" / "lrdeploy"))
-    return root / "gguf-meta" / key
+    return cache_root() / "gguf-meta" / key
 
 
 def _hf_parameter_names(config) -> list[str]:

@@ -13,6 +13,11 @@ from pathlib import Path
 from lrdeploy.errors import LrdError
 
 
+def cache_root() -> Path:
+    """Where lrdeploy keeps what it can rebuild: $LRDEPLOY_CACHE, else ~/.cache/lrdeploy."""
+    return Path(os.environ.get("LRDEPLOY_CACHE") or Path.home() / ".cache" / "lrdeploy").expanduser()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then rename: readers never see a half-written file."""
     tmp = path.with_name(path.name + ".tmp")

@@ -14,7 +14,7 @@ from random_model import make_random_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +31,8 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def calib_text() -> str:
-    """Real text: the shared WikiText-2 file when present, else the embedded default."""
-    return str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
+    """Real text: the WikiText-2 validation split shipped in tools/data."""
+    return str(WIKITEXT)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import WIKITEXT
 from lrdeploy.artifact import QLRLinear, artifact_tokenizer, load_artifact, read_manifest
 from lrdeploy.compressor.driver import CompressOptions, compress
 from lrdeploy.compressor.sources import open_source, permute_rows, read_gguf_index
@@ -435,8 +436,7 @@ def test_smollm2_perplexity_and_greedy_match_torch(smol_artifact, smol_export):
     from lrdeploy.runtime.backends import open_backend
 
     out, _ = smol_export
-    wiki = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
-    text = load_text(str(wiki), "0.5:1") if wiki.is_file() else load_text(None, "0.5:1")
+    text = load_text(str(WIKITEXT), "0.5:1")
     torch_model = open_backend(str(smol_artifact), "torch", device="cpu")
     llama = open_llamacpp(out, None, 256, "cpu")
     wins = eval_windows(tokenize(torch_model.tokenizer, text), 256, 4)

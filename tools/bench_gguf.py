@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_sections import WIKITEXT  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-valid.txt"
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M")
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     from lrdeploy.runtime.inspect import export_bpw
     from lrdeploy.runtime.llamacpp import amx_in_build, open_llamacpp
 
-    calib = str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
+    calib = str(WIKITEXT)
     a.work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
     art = a.artifact or make_artifact(a.work / "artifact", calib)

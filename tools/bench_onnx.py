@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
 
 
@@ -45,7 +45,7 @@ def ensure_artifact(work: Path) -> Path:
 
     out = work / "smol-artifact"
     if not is_artifact(out):
-        calib = str(WIKITEXT) if WIKITEXT.is_file() else "pydoc"
+        calib = str(WIKITEXT)
         opts = CompressOptions(calib=calib, calib_range="0:0.5", calib_tokens=2048, seq_len=256, iters=1,
                                lplr_iters=1, device="cpu")
         print(f"compressing SmolLM2 into {out} ...", flush=True)
@@ -73,7 +73,7 @@ def ensure_exports(artifact: Path, work: Path) -> dict[str, Path]:
 def _prompt(tokenizer, n: int) -> np.ndarray:
     from lrdeploy.compressor.text import load_text, tokenize
 
-    text = load_text(str(WIKITEXT) if WIKITEXT.is_file() else None, "0.5:1")
+    text = load_text(str(WIKITEXT), "0.5:1")
     return np.asarray(tokenize(tokenizer, text)[:n], np.int64)
 
 
@@ -82,7 +82,7 @@ def ppl(m, windows: int) -> float:
     from lrdeploy.compressor.text import eval_windows, load_text, tokenize
     from lrdeploy.runtime.eval import perplexity
 
-    text = load_text(str(WIKITEXT) if WIKITEXT.is_file() else None, "0.5:1")
+    text = load_text(str(WIKITEXT), "0.5:1")
     return perplexity(m.logits, eval_windows(tokenize(m.tokenizer, text), 256, windows)).ppl
 
 

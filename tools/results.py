@@ -3,7 +3,7 @@
     .venv/bin/python tools/results.py            # runs what is missing, then writes docs/results.md
     .venv/bin/python tools/results.py --only-report
 
-Calibration uses the first half of ../shared/data/wikitext2-valid.txt and evaluation a disjoint part of the second
+Calibration uses the first half of tools/data/wikitext2-valid.txt and evaluation a disjoint part of the second
 half, so no evaluated token was seen in calibration. Each point's compress and eval JSON is cached in
 .cache/results/, so an interrupted run picks up where it stopped.
 """
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import run_json, update_section  # noqa: E402
+from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "wikitext2-valid.txt"
+DATA = WIKITEXT
 WORK = REPO / ".cache" / "results"
 CALIB = ["--calib", str(DATA), "--calib-range", "0:0.5"]
 EVAL = ["--text", str(DATA), "--text-range", "0.5:1", "--ctx", "512", "--windows", "40"]
