@@ -1,9 +1,10 @@
 """The streaming compressor: bottom-first, one decoder block resident, atomic and resumable output.
 
-Work happens in OUT.partial/: base.safetensors (embeddings, final norm, head), one shard per finished decoder
-block in layers/, and state.json recording what is done. A killed run resumes from its last finished block. When
+Work happens in OUT.partial/: base.safetensors (embedding, final norm, head), one shard per finished decoder
+block in layers/, head.safetensors for a head rounded with its input importance (after the last block), and
+state.json recording what is done. A killed run resumes from its last finished block. When
 all blocks are done the shards are merged into model.safetensors, the manifest is written and the directory is
-renamed to OUT.
+renamed to OUT. Throughout, OUT.lock holds the run's pid: a second run on the same OUT is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lrdeploy.artifact import FORMAT, MANIFEST, VERSION, WEIGHTS, LinearEntry, Q
 from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
+from lrdeploy.compressor import embeddings as emb
 from lrdeploy.compressor import grids
 from lrdeploy.compressor.model import (
     LINEAR_GROUPS,
@@ -36,7 +38,7 @@ from lrdeploy.compressor.model import (
 from lrdeploy.compressor.sources import ModelSource
 from lrdeploy.compressor.text import calibration_ids, load_text, tokenize
 from lrdeploy.errors import LrdError
-from lrdeploy.io import atomic_write_json, merge_safetensors, replace_dir, sha256_file
+from lrdeploy.io import atomic_write_json, merge_safetensors, output_lock, replace_dir, sha256_file
 
 TARGETS = ("gguf", "onnx", "any")
 INPUTS = ("student", "teacher")
@@ -79,6 +81,8 @@ class CompressOptions:
     target_params: float | None = None  # parameter reduction in % of all the model's parameters
     target_bpw: float | None = None  # bits per weight of Q + L + R over the compressed linears
     allocation: str = "uniform"  # uniform | bottom | top | error: how ranks meet the target
+    embed_type: str | None = None  # token embedding format: None/source (as stored) | f16 | a grid
+    output_type: str | None = None  # lm_head format, likewise; a format other than the embedding's unties them
 
     @property
     def targeted(self) -> bool:
@@ -113,6 +117,9 @@ class CompressOptions:
             if fmt not in grids.GRIDS:
                 raise LrdError(f"unknown format '{fmt}' in --tensor-type {pattern}={fmt}; "
                                f"choose one of {', '.join(grids.GRIDS)}")
+        emb.check_format(o.embed_type, "--embed-type")
+        emb.check_format(o.output_type, "--output-type")
+        o.embed_type, o.output_type = (None if t == emb.SOURCE else t for t in (o.embed_type, o.output_type))
         if o.target not in TARGETS:
             raise LrdError(f"unknown target '{o.target}'; choose one of {', '.join(TARGETS)}")
         if o.inputs not in INPUTS:
@@ -137,6 +144,9 @@ class CompressOptions:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("device")  # where it ran doesn't change what it computes
+        for key in ("embed_type", "output_type"):  # unset: the options of runs from before these existed
+            if d[key] is None:
+                d.pop(key)
         return d
 
 
@@ -385,6 +395,12 @@ def compress(
     """Compress SOURCE into the artifact OUT. STOP_AFTER (tests) ends the run after that many blocks."""
     o = options.resolved()
     out = Path(out)
+    with output_lock(out):  # taken before OUT and OUT.partial are looked at: a second run must not touch them
+        return _compress(source, o, out, resume, force, progress, stop_after)
+
+
+def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, force: bool,
+              progress: Progress | None, stop_after: int | None) -> CompressResult:
     tmp = out.with_name(out.name + ".partial")
     state_file = tmp / "state.json"
     if out.exists() and not force and not (resume and tmp.exists()):
@@ -405,6 +421,8 @@ def compress(
             shapes[layer_prefix(i) + name] = (m.out_features, m.in_features)
     step = rank_step(o)
     plans = {k: plan_linear(k, shp, o, rank=step if o.targeted else None) for k, shp in shapes.items()}
+    vocab = emb.plan_vocab(o.embed_type, o.output_type, config, source.has(emb.HEAD),
+                           tuple(model.model.embed_tokens.weight.shape))
     early = None
     if o.targeted:  # an unreachable target fails here, before any file is written
         early = allocation_record(o if o.allocation != "error" else replace(o, allocation="uniform"), plans, shapes,
@@ -425,14 +443,13 @@ def compress(
     state = _start_or_resume(tmp, state_file, o, resume, force)
     if state["layers_done"] == 0 and not (tmp / "base.safetensors").exists():
         source.save_meta(tmp)
-        _save_base(source, model, tmp / "base.safetensors")
+        if vocab.untie:
+            emb.untie_config(tmp / "config.json")
+        _save_vocab(tmp / "base.safetensors", _base_tensors(source, vocab), state, state_file)
 
     get = source.tensor
-    embed = materialize(model.model.embed_tokens, "model.embed_tokens.", get, device)
-    with torch.no_grad():
-        x = embed(calib).float()
-    model.model.embed_tokens = None  # free it: only one block stays resident
-    del embed
+    x = source.rows(emb.EMBED, calib).to(device)  # only the calibration ids' rows: the table is never built
+    model.model.embed_tokens = None  # only one block stays resident
     rot = rotary(model, device)
     ctx = block_context(model, x[: o.batch_size], rot)
     if o.targeted:
@@ -486,6 +503,11 @@ def compress(
         del teacher
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
             raise KeyboardInterrupt
+    if vocab.head_needs_inputs:  # the head's inputs are the final hidden states after the final norm
+        norm = materialize(model.model.norm, "model.norm.", get, device)
+        importance = emb.input_importance(norm, student_x if student_x is not None else teacher_x, o.batch_size)
+        head = emb.encode(source, vocab.head_from, vocab.head, vocab.shape, importance)
+        _save_vocab(tmp / "head.safetensors", {emb.HEAD: head}, state, state_file)
     manifest = _finish(source, o, tmp, out, state, calib, time.perf_counter() - t_start, device)
     return CompressResult(out, manifest)
 
@@ -514,14 +536,31 @@ def _start_or_resume(tmp: Path, state_file: Path, o: CompressOptions, resume: bo
     return fresh
 
 
-def _save_base(source: ModelSource, model: nn.Module, path: Path) -> None:
-    """Embeddings, final norm and an untied head, exactly as the source stores them."""
+def _base_tensors(source: ModelSource, vocab: emb.VocabPlan) -> dict[str, torch.Tensor | emb.Stored]:
+    """Everything outside the blocks: the final norm as the source stores it, the embedding in its format, and the
+    head unless it waits for its input importance (or is the tied embedding)."""
+    names = [n for n in source.names() if not n.startswith("model.layers.") and n not in (emb.EMBED, emb.HEAD)]
+    tensors: dict[str, torch.Tensor | emb.Stored] = {n: source.stored(n) for n in names}
+    tensors[emb.EMBED] = emb.encode(source, emb.EMBED, vocab.embed, vocab.shape)
+    if vocab.head is not None and not vocab.head_needs_inputs:
+        tensors[emb.HEAD] = emb.encode(source, vocab.head_from, vocab.head, vocab.shape)
+    return tensors
+
+
+def _save_vocab(path: Path, tensors: dict[str, torch.Tensor | emb.Stored], state: dict, state_file: Path) -> None:
+    """Write one shard; the manifest records of its embedding/head go into the state first (a kill between the two
+    writes leaves a state whose shard is rewritten on resume, never a shard without its record)."""
     from safetensors.torch import save_file
 
-    names = [n for n in source.names() if not n.startswith("model.layers.")]
-    tensors = {n: source.stored(n).contiguous() for n in names}
+    records = {n: t.entry() for n, t in tensors.items() if isinstance(t, emb.Stored)}
+    if records:
+        state.setdefault("tensors", {}).update(records)
+        atomic_write_json(state_file, state)
+    flat: dict[str, torch.Tensor] = {}
+    for n, t in tensors.items():
+        flat.update(t.tensors(n) if isinstance(t, emb.Stored) else {n: t.contiguous()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(flat, str(tmp))
     tmp.replace(path)
 
 
@@ -749,8 +788,10 @@ def _student_block(teacher: nn.Module, prefix: str, shard: Path, linears: dict, 
 def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state: dict, calib: torch.Tensor,
             seconds: float, device: torch.device) -> dict:
     shards = [tmp / "base.safetensors"] + sorted((tmp / "layers").glob("*.safetensors"))
+    shards += [f for f in (tmp / "head.safetensors",) if f.is_file()]
     merge_safetensors(tmp / WEIGHTS, shards)
     linears = state["linears"]
+    vocab = _vocab_records(source, tmp, state)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -767,7 +808,8 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
             "seed": o.seed,
         },
         "linears": linears,
-        "summary": summarize(linears),
+        **vocab,
+        "summary": summarize(linears, vocab.get("tensors"), **_whole_file(source, tmp / WEIGHTS, vocab)),
         **_refine_records(o, state),
         "timings": {
             "compress_seconds": round(state["seconds"], 2),
@@ -787,6 +829,7 @@ def _finalize(tmp: Path, out: Path) -> dict:
     import json
 
     (tmp / "base.safetensors").unlink(missing_ok=True)
+    (tmp / "head.safetensors").unlink(missing_ok=True)
     if (tmp / "layers").is_dir():
         shutil.rmtree(tmp / "layers")
     (tmp / "state.json").unlink(missing_ok=True)
@@ -807,8 +850,35 @@ def _refine_records(o: CompressOptions, state: dict) -> dict:
     return rec
 
 
-def summarize(linears: dict) -> dict:
-    """bpw over the compressed linears (Q + L + R bytes, scales included), and mean error per linear type."""
+def _vocab_records(source: ModelSource, tmp: Path, state: dict) -> dict:
+    """The manifest's `tensors` table (embedding and head formats), and `untied` when the artifact unties a tied
+    source (its head's bytes are the summary's output_bytes)."""
+    from transformers import AutoConfig
+
+    if "tensors" not in state:  # a run started before these existed
+        return {}
+    untied = bool(source.config.tie_word_embeddings) and not AutoConfig.from_pretrained(str(tmp)).tie_word_embeddings
+    return {"tensors": state["tensors"], **({"untied": True} if untied else {})}
+
+
+def _whole_file(source: ModelSource, weights: Path, vocab: dict) -> dict:
+    """Bytes of every stored tensor, and the weights of the model they store (a tied embedding once)."""
+    from lrdeploy.io import read_safetensors_header
+
+    header, _ = read_safetensors_header(weights)
+    nbytes = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+    params = sum(p.numel() for p in skeleton(source.config).parameters())
+    return {"stored_bytes": nbytes,
+            "model_weights": emb.stored_weights(params, vocab.get("tensors", {}), source.config.tie_word_embeddings)}
+
+
+def summarize(linears: dict, tensors: dict | None = None, stored_bytes: int | None = None,
+              model_weights: int | None = None) -> dict:
+    """bpw over the compressed linears (Q + L + R bytes, scales included), and mean error per linear type.
+
+    With the artifact's `tensors` table and its totals: the embedding's and the separately stored head's bytes, and
+    whole_bpw = 8 · (every stored byte) / (every model weight), the way llama-quantize counts a file.
+    """
     params = sum(e["shape"][0] * e["shape"][1] for e in linears.values())
     nbytes = sum(e["bytes"] for e in linears.values())
     by_type: dict[str, list[float]] = {}
@@ -822,6 +892,10 @@ def summarize(linears: dict) -> dict:
         "error_by_type": {k: sum(v) / len(v) for k, v in by_type.items()},
         "fallbacks": fallbacks,
         "linears": len(linears),
+        **({} if tensors is None else {"embed_bytes": tensors.get(emb.EMBED, {}).get("bytes", 0),
+                                       "output_bytes": tensors.get(emb.HEAD, {}).get("bytes", 0)}),
+        **({} if not model_weights else {"whole_bpw": 8 * stored_bytes / model_weights,
+                                         "stored_bytes": stored_bytes, "model_weights": model_weights}),
     }
 
 

@@ -348,17 +348,15 @@ def fit_super(grid: Grid, w: Tensor, importance: Tensor | None = None) -> Tensor
 
 
 def _error(grid: Grid, w: Tensor, x: Tensor | None, scale: Tensor, offset: Tensor) -> Tensor:
-    """Weighted squared error of rounding w with (scale, offset); fused in-place, ranking-accurate (not bit-exact)."""
+    """Weighted squared error of rounding w [m, B] with (scale, offset) [..., m]; fused in-place, ranking-accurate.
+
+    Leading dimensions of scale/offset evaluate several candidates at once ([C, m] -> [C, m] errors).
+    """
     lo, hi = _levels(grid)
     s = scale.unsqueeze(-1)
     num = w + offset.unsqueeze(-1) if grid.affine else w
     r = torch.div(num, torch.where(s == 0, math.inf, s)).round_().clamp_(lo, hi).mul_(s).sub_(num).square_()
     return (r if x is None else r.mul_(x)).sum(-1)
-
-
-def _improves(e: Tensor, best: Tensor) -> Tensor:
-    """1.0 where e < best else 0.0, without boolean tensors (slow on some CPU builds)."""
-    return torch.sign(best - e).clamp_(min=0.0)
 
 
 def _fp16_bits(t: Tensor) -> Tensor:
@@ -379,15 +377,10 @@ def _block_from_real(grid: Grid, w: Tensor, sup: Tensor, x: Tensor | None, real:
     """Exact search over the few integer sub-scales/mins (or fp16 d's) around the float fit; keeps the best."""
     zeros_i = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
     if not grid.has_super:
-        cands = [_fp16(real.a), _fp16(real.ref)]
-        cands += _fp16_neighbours(cands[0])
+        first = _fp16(real.a)
+        cands = torch.stack([first, _fp16(real.ref), *_fp16_neighbours(first)])
         zeros = torch.zeros_like(real.a)
-        best_d, best_e = cands[0], _error(grid, w, x, cands[0], zeros)
-        for d in cands[1:]:
-            e = _error(grid, w, x, d, zeros)
-            take = e < best_e
-            best_e = torch.where(take, e, best_e)
-            best_d = torch.where(take, d, best_d)
+        best_d = cands.gather(0, _error(grid, w, x, cands, zeros).argmin(0, keepdim=True))[0]
         return BlockFit(best_d, zeros, torch.stack([_fp16_bits(best_d), zeros_i], -1))
 
     spec = _SEARCH[grid.name]
@@ -397,26 +390,23 @@ def _block_from_real(grid: Grid, w: Tensor, sup: Tensor, x: Tensor | None, real:
     safe_m = torch.where(dmin == 0, math.inf, dmin)
     has_x = real.h_o > 0
     sx = torch.where(has_x, real.h_o, 1.0)
-    best_e = torch.full_like(d, math.inf)
-    best_k = torch.zeros_like(d)
-    best_m = torch.zeros_like(d)
+    ks, ms = [], []
     for dk in (-1, 0, 1, 2):
         k = (base_k + dk).clamp_(spec.sub_lo, spec.sub_hi)
-        scale = d * k
         if spec.min_hi:
             # the best offset for this scale with the float fit's codes; the true optimum is often a step or so below
-            o = torch.where(has_x, (scale * real.s_q - real.s_w) / sx, real.o)
+            o = torch.where(has_x, (d * k * real.s_q - real.s_w) / sx, real.o)
             base_m = torch.floor(o / safe_m)
             m_cands = [(base_m + dm).clamp_(0, spec.min_hi) for dm in (-1, 0, 1, 2)]
         else:
             m_cands = [torch.zeros_like(d)]
-        for m in m_cands:
-            e = _error(grid, w, x, scale, dmin * m)
-            take = _improves(e, best_e)
-            best_e = torch.minimum(e, best_e)
-            best_k += take * (k - best_k)  # exact: small integers
-            best_m += take * (m - best_m)
-    k_int, m_int = best_k.to(torch.int32), best_m.to(torch.int32)
+        ks += [k] * len(m_cands)
+        ms += m_cands
+    # every candidate at once ([C, m]): one pass of a few large ops instead of C passes of small ones
+    k_all, m_all = torch.stack(ks), torch.stack(ms)
+    e = _error(grid, w, x, d * k_all, dmin * m_all)
+    pick = e.argmin(0, keepdim=True)  # the first of equal minima, as a strict-improvement scan would keep
+    k_int, m_int = k_all.gather(0, pick)[0].to(torch.int32), m_all.gather(0, pick)[0].to(torch.int32)
     # recomputed from the integers exactly as ggml does (also normalises any -0.0)
     scale = d * k_int.to(torch.float32)
     offset = dmin * m_int.to(torch.float32)

@@ -53,7 +53,7 @@ def block_context(model: nn.Module, x: torch.Tensor, rot: nn.Module) -> dict:
 
     pos = torch.arange(x.shape[1], device=x.device)[None]
     mask = create_causal_mask(
-        config=model.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos
+        config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos
     )
     return {"attention_mask": mask, "position_ids": pos, "position_embeddings": rot(x, position_ids=pos)}
 

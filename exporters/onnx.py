@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lrdeploy.errors import LrdError
+from lrdeploy.io import output_lock, replace_dir
 
 OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
@@ -609,7 +610,7 @@ def _open_weights(source: str, zero_points: str) -> tuple[object, Weights, objec
         except Exception as e:
             raise LrdError(f"cannot read {Path(source) / 'config.json'}: {e}") from None
         get = ArtifactTensors(Path(source), manifest, "cpu")
-        w = Weights(get, lambda n: n in get.header, manifest["linears"], get.raw, zero_points)
+        w = Weights(get, get.has, manifest["linears"], get.raw, zero_points)
         return config, w, artifact_tokenizer(source), manifest
     from lrdeploy.compressor.sources import open_source
 
@@ -709,6 +710,12 @@ def export_onnx(source: str, out_dir: Path, *, dtype: str = "fp32", force: bool 
     if zero_points not in ZERO_POINTS:
         raise LrdError(f"unknown zero_points '{zero_points}'; choose one of {', '.join(ZERO_POINTS)}")
     out = Path(out_dir)
+    with output_lock(out):  # before OUT and OUT.partial are looked at: a second export must not touch them
+        return _export(source, out, dtype, force, zero_points, fuse, accuracy_level, t0)
+
+
+def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, fuse: bool, accuracy_level: int,
+            t0: float) -> dict:
     if out.exists() and not force:
         raise LrdError(f"{out} already exists; pass --force to overwrite it")
     config, weights, tokenizer, manifest = _open_weights(source, zero_points)
@@ -748,8 +755,6 @@ def export_onnx(source: str, out_dir: Path, *, dtype: str = "fp32", force: bool 
             "model_bytes": sum(v for k, v in files.items() if k.startswith(MODEL_FILE)),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        from lrdeploy.io import replace_dir
-
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

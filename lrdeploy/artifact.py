@@ -2,7 +2,9 @@
 
 A directory with config.json + tokenizer files, `lrdeploy.json` (the manifest) and `model.safetensors`, where each
 compressed linear NAME stores `NAME.q` (raw ggml blocks, uint8), `NAME.lora_l` (out×r) and `NAME.lora_r` (r×in)
-as f16 or raw ggml blocks, and every other tensor is stored as it was.
+as f16 or raw ggml blocks. The embedding and the head are stored in their chosen formats, recorded in the manifest's
+`tensors` table: block-quantized as `NAME.q` (any ggml type, e.g. q2_k or a source's q6_k), else as floats. Every
+other tensor is stored as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,6 +123,14 @@ def validate_manifest(manifest: object, where: object = MANIFEST) -> dict:
         )
         if not ok:
             raise LrdError(f"{where}: bad entry for linear {name}")
+    tensors = manifest.get("tensors", {})
+    if not isinstance(tensors, dict):
+        raise LrdError(f"{where}: bad 'tensors' table")
+    for name, e in tensors.items():
+        if not _tensor_entry_ok(e):
+            raise LrdError(f"{where}: bad entry for tensor {name}")
+    if not isinstance(manifest.get("untied", False), bool):
+        raise LrdError(f"{where}: bad 'untied' flag")
     summary = manifest.get("summary")
     if summary is not None and not (isinstance(summary, dict) and _is_number(summary.get("bpw"))):
         raise LrdError(f"{where}: bad 'summary' (no numeric bpw)")
@@ -136,6 +148,28 @@ def validate_manifest(manifest: object, where: object = MANIFEST) -> dict:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _tensor_entry_ok(e: object) -> bool:
+    """A `tensors` entry: a shape, its bytes, and either a known ggml block type (q_format) or a dtype."""
+    if not (isinstance(e, dict) and isinstance(e.get("shape"), list) and e["shape"]
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in e["shape"])
+            and isinstance(e.get("bytes"), int) and not isinstance(e["bytes"], bool) and e["bytes"] >= 0):
+        return False
+    fmt = e.get("q_format")
+    if fmt is None:
+        return isinstance(e.get("dtype"), str)
+    return isinstance(fmt, str) and fmt.upper() in gguf.GGMLQuantizationType.__members__
+
+
+def dequantize_blocks(fmt: str, raw: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """ggml blocks of type FMT as float32: our grids by our own decoder, any other ggml type by gguf-py's."""
+    from lrdeploy.compressor import grids
+
+    if fmt in grids.GRIDS:
+        return grids.unpack(grids.get_grid(fmt), raw, shape)
+    data = gguf.quants.dequantize(raw.cpu().numpy().reshape(shape[0], -1), gguf.GGMLQuantizationType[fmt.upper()])
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape)).to(raw.device)
 
 
 def verify_files(path: str | Path, manifest: dict) -> list[str]:
@@ -168,7 +202,8 @@ def is_artifact(path: str | Path) -> bool:
 
 
 class ArtifactTensors:
-    """Tensor getter over an artifact: `NAME.q`, `NAME.lora_l`, `NAME.lora_r` come back dequantized to float32."""
+    """Tensor getter over an artifact: `NAME.q`, `NAME.lora_l`, `NAME.lora_r` come back dequantized to float32, and
+    so does every tensor of the `tensors` table stored as blocks, under its own NAME."""
 
     def __init__(self, path: Path, manifest: dict, device: str | torch.device = "cpu", weights: Path | None = None):
         from safetensors import safe_open
@@ -176,6 +211,7 @@ class ArtifactTensors:
         from lrdeploy.io import read_safetensors_header
 
         self.path, self.manifest, self.device = Path(path), manifest, device
+        self.tensors: dict = manifest.get("tensors") or {}
         own = weights is None
         weights = weights or self.path / WEIGHTS
         if not weights.is_file():
@@ -193,9 +229,18 @@ class ArtifactTensors:
             raise LrdError(f"{self.path} lacks tensor {name}")
         return self._file.get_tensor(name)
 
+    def has(self, name: str) -> bool:
+        """Whether NAME can be asked for: stored under its own name or as the blocks of a `tensors` entry."""
+        entry = self.tensors.get(name)
+        return name in self.header or (entry is not None and bool(entry.get("q_format"))
+                                       and f"{name}.q" in self.header)
+
     def __call__(self, name: str) -> torch.Tensor:
         from lrdeploy.compressor import grids
 
+        table = self.tensors.get(name)
+        if table is not None and table.get("q_format"):
+            return dequantize_blocks(table["q_format"], self.raw(f"{name}.q"), tuple(table["shape"]))
         base, _, kind = name.rpartition(".")
         entry = self.manifest["linears"].get(base)
         if entry is not None and kind in ("q", "lora_l", "lora_r"):

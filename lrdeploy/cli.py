@@ -16,6 +16,8 @@ from lrdeploy.errors import LrdError, ctrl_c_wins
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # click's plain help: typer's rich panels give every flag a '<bool>' value to type
     help="Compress LLMs into W ~ Q + L·R (low-precision backbone plus low-rank factors) and deploy them.",
 )
 err = Console(stderr=True)
@@ -58,6 +60,11 @@ def compress(
                                           "e.g. down_proj=q3_k (substring of the linear's name; repeatable)."),
     tensor_rank: list[str] = typer.Option([], "--tensor-rank", help="Per-tensor rank override NAME=N, e.g. "
                                           "self_attn=0 for L·R only in the MLP (substring; repeatable)."),
+    embed_type: str | None = typer.Option(None, "--embed-type", help="Format of the token embedding: source (as the "
+                                          "source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | q2_k."),
+    output_type: str | None = typer.Option(None, "--output-type", help="Format of the output matrix (lm_head): "
+                                           "source (as the source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | "
+                                           "q2_k. A format other than the embedding's unties a tied model."),
     no_whiten: bool = typer.Option(False, "--no-whiten", help="lowrank: plain SVD instead of the H-whitened fit."),
     no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail instead of falling back to q4_0/q8_0 where "
                                      "a tensor's rows don't fit --q-format."),
@@ -90,6 +97,7 @@ def compress(
         calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
         device=device, inputs=inputs, target=target, whiten=not no_whiten, allow_fallback=not no_fallback,
         tensor_types=_pairs(tensor_type, "--tensor-type"), tensor_ranks=_int_pairs(tensor_rank, "--tensor-rank"),
+        embed_type=embed_type, output_type=output_type,
         refine=refine, distill_inputs=distill_inputs,
         distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
         target_params=target_params, target_bpw=target_bpw, allocation=allocation,
@@ -163,7 +171,9 @@ def _print_summary(manifest: dict) -> None:
     out.print(
         f"bpw {s['bpw']:.3f} over {s['linear_params']:,} linear weights ({s['linear_bytes']:,} bytes), "
         f"{s['fallbacks']} of {s['linears']} tensors fell back, "
-        f"compress time {manifest['timings']['compress_seconds']:.1f} s"
+        + (f"whole-file bpw {s['whole_bpw']:.3f} (embedding {s.get('embed_bytes', 0):,} bytes, separate head "
+           f"{s.get('output_bytes', 0):,} bytes), " if "whole_bpw" in s else "")
+        + f"compress time {manifest['timings']['compress_seconds']:.1f} s"
     )
 
 
@@ -178,21 +188,29 @@ def eval_(
     text_range: str | None = typer.Option(None, help="Part of the text to use, as fractions 'a:b'."),
     ctx: int = typer.Option(2048, help="Window length in tokens."),
     windows: int | None = typer.Option(None, help="Score at most this many windows."),
-    backend: str = typer.Option("torch", help="torch | llamacpp | onnxruntime."),
-    lora: Path | None = typer.Option(None, help="llamacpp: a LoRA adapter GGUF to apply to SOURCE (.gguf)."),
+    backend: str = typer.Option("auto", help="auto (llamacpp for a GGUF export or .gguf, onnxruntime for an ONNX "
+                                "export or .onnx, else torch) | torch | llamacpp | onnxruntime."),
+    lora: Path | None = typer.Option(None, help="llamacpp: a LoRA adapter GGUF to apply to SOURCE (.gguf; default: "
+                                     "the adapter.gguf beside it, if any)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Perplexity of a model, artifact or export (non-overlapping ctx windows, every predicted token scored)."""
     from lrdeploy.compressor.text import eval_windows, load_text, tokenize
-    from lrdeploy.runtime.backends import open_backend
+    from lrdeploy.runtime.backends import adapter_beside, auto_backend, open_backend
     from lrdeploy.runtime.eval import perplexity
 
     if ctx < 2:
         raise LrdError("--ctx must be at least 2")
-    if backend not in BACKENDS:
-        raise LrdError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend not in ("auto", *BACKENDS):
+        raise LrdError(f"unknown backend '{backend}'; choose one of auto, {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = auto_backend(source)
+    adapter = adapter_beside(source)
+    if backend == "torch" and lora is None and adapter is not None:
+        err.print(f"warning: --backend torch loads {source} without the {adapter} beside it; use --backend llamacpp "
+                  "to apply it", markup=False, highlight=False, soft_wrap=True)
     model = open_backend(source, backend, device=device, lora=lora, n_ctx=ctx)
     ids = tokenize(model.tokenizer, load_text(text, text_range))
     wins = eval_windows(ids, ctx, windows)
@@ -241,8 +259,9 @@ def export(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .gguf or .onnx file, an export directory or an artifact directory."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every file against the sha256 its manifest "
-                                "records (artifacts) or the graph's consistency (ONNX)."),
+    verify: bool = typer.Option(False, "--verify", help="Also check the data: every file against the sha256 its "
+                                "manifest records (artifacts), the graph (ONNX), the tensor layout and every tensor's "
+                                "bytes (GGUF: no NaN/Inf in floats or block scales). Prints what was checked."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List a GGUF's, an ONNX model's or an artifact's tensors with their types, bytes and bpw."""
@@ -252,14 +271,26 @@ def inspect(
     if as_json:
         print(json.dumps(info))
         return
-    t = Table(title=f"{path}: {info['tensor_count']} tensors, {info['bytes']:,} bytes, bpw {info['bpw']:.3f}")
+    t = Table(title=f"{path}: {info['tensor_count']} tensors, {info['bytes']:,} bytes")
     for col in ("name", "type", "shape", "bytes", "bpw"):
         t.add_column(col, justify="right" if col in ("bytes", "bpw") else "left")
     for row in info["tensors"]:
         t.add_row(row["name"], row["type"], "x".join(map(str, row["shape"])), f"{row['bytes']:,}", f"{row['bpw']:.3f}")
     out.print(t)
+    if info["bpw_file"] is not None:
+        out.print(f"file bpw {info['bpw_file']:.3f} (all tensors: {info['bytes']:,} bytes over the model's "
+                  f"{info['weights']:,} weights)", soft_wrap=True)
+    source = {"tensors": "from the tensors", "manifest": "as the manifest records it",
+              "lrdeploy_onnx.json": "as lrdeploy_onnx.json records it (the artifact's)"}.get(info["bpw_linears_from"])
+    if info["bpw_linears"] is not None:
+        out.print(f"linear bpw {info['bpw_linears']:.3f} (decoder linears, the README's definition: bytes of "
+                  f"Q + L + R, scales included, over their weights; {source})", soft_wrap=True)
+    else:
+        out.print("linear bpw: none (no decoder linears recognized)", soft_wrap=True)
     if verify:
-        out.print(f"verified: {', '.join(info.get('verified') or []) or 'nothing recorded to check'}")
+        out.print(f"verified: {', '.join(info['verified']) or 'nothing recorded to check'}", soft_wrap=True)
+        for line in info["checks"]:
+            out.print(f"checked {line}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -326,10 +357,25 @@ def _print_bench(result: dict, report: Path | None) -> None:
         out.print(f"report: {report / 'report.md'}")
 
 
+# typer >= 0.29 bundles its own click (typer._click) and raises that click's exceptions, older typer raises click's:
+# typer.BadParameter is the BadParameter of whichever click typer runs on, so its bases are the classes to catch.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NO_ARGS = getattr(sys.modules[_CLICK_ERROR.__module__], "NoArgsIsHelpError", ())  # click < 8.2 exits 0 instead
+
+
+def _usage_message(e: Exception) -> str:
+    """Click's message on one line, lower-cased like ours, with where to look: 'no such option: --bogus (see ...)'."""
+    msg = " ".join(e.format_message().split("\n")).strip().removesuffix(".")
+    if msg[1:2].islower():
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(e, "ctx", None)
+    return f"{msg} (see '{ctx.command_path} --help')" if ctx is not None else msg
+
+
 def main() -> None:
     try:
         with ctrl_c_wins():
-            code = app(standalone_mode=False)  # non-standalone: codes come back, no exit
+            code = app(prog_name="lrdeploy", standalone_mode=False)  # non-standalone: codes come back, no exit
         if isinstance(code, int) and code:
             sys.exit(code)
     except LrdError as e:
@@ -343,13 +389,12 @@ def main() -> None:
     except OSError as e:  # the disk or the file system, not a bug: one line, like LrdError
         err.print(f"error: {_os_error(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(LrdError.exit_code)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except _NO_ARGS as e:  # bare `lrdeploy`: the help, on stderr, exit 2 (nothing was run)
+        e.show()
+        sys.exit(e.exit_code)
+    except _CLICK_ERROR as e:  # a command-line mistake: one line, like LrdError, and no traceback
+        err.print(f"error: {_usage_message(e)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(LrdError.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Small I/O helpers shared by the drivers: atomic writes, hashing, streamed safetensors."""
+"""Small I/O helpers shared by the drivers: atomic writes, hashing, streamed safetensors, output locks."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lrdeploy.errors import LrdError
@@ -125,3 +128,118 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def lock_path(out: Path) -> Path:
+    """OUT.lock: beside OUT and OUT.partial, so it is never part of the finished output and survives a --resume."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+@contextmanager
+def output_lock(out: Path, wait: float = 5.0) -> Iterator[Path]:
+    """Hold OUT.lock, a file with this process's pid, while OUT or OUT.partial is written; yields its path.
+
+    A second run on the same OUT fails with one line naming the first one's pid. The lock appears whole: the pid is
+    written to a private sibling, which is then hard-linked to OUT.lock, and the link fails if OUT.lock exists. A lock
+    whose process is gone, or that holds no pid, is taken over; only the holder of OUT.lock.takeover (taken the same
+    way) may remove it, so two runs that find the same stale lock cannot both win. WAIT bounds the seconds spent
+    behind another run's takeover. The lock is removed on every way out of the block, if it is still ours.
+    """
+    out = Path(out)
+    lock = lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    mine = lock.with_name(f"{lock.name}.{os.getpid()}")  # only this process writes this name
+    mine.unlink(missing_ok=True)  # a dead namesake's leftover may still be linked to its lock: never write into it
+    mine.write_text(f"{os.getpid()}\n")
+    try:
+        deadline = time.monotonic() + wait
+        while not _take(lock, mine, out):
+            if time.monotonic() > deadline:
+                raise LrdError(f"{out} is being written by another lrdeploy run ({lock} is being taken over); "
+                               "wait for it or stop it")
+            time.sleep(0.01)
+        held = _identity(lock)
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield lock
+    finally:
+        try:
+            if _identity(lock) == held:
+                lock.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _take(lock: Path, mine: Path, out: Path) -> bool:
+    """One attempt: True once LOCK is ours; False to try again; LrdError while a live process holds it."""
+    if _place(mine, lock):
+        return True
+    try:
+        pid = _lock_pid(lock)
+    except FileNotFoundError:  # released meanwhile
+        return False
+    if pid is not None and _alive(pid):
+        raise LrdError(f"{out} is being written by another lrdeploy run (pid {pid}); wait for it or stop it")
+    claim = lock.with_name(lock.name + ".takeover")
+    if not _place(mine, claim):
+        try:
+            taker = _lock_pid(claim)
+        except FileNotFoundError:
+            return False
+        if taker is None or not _alive(taker):  # a taker killed within its few microseconds of holding the claim
+            claim.unlink(missing_ok=True)
+        return False
+    try:
+        try:
+            pid = _lock_pid(lock)  # still the stale lock: nobody but a claim holder removes a lock it did not write
+        except FileNotFoundError:
+            pid = 0
+        if pid is None or (pid and not _alive(pid)):
+            lock.unlink(missing_ok=True)
+        return _place(mine, lock)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _place(src: Path, dst: Path) -> bool:
+    """Create DST with SRC's content in one step; False if DST exists."""
+    try:
+        os.link(src, dst)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    # a file system without hard links: create exclusively, then write (a reader may see it empty for a moment)
+    try:
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(src.read_bytes())
+    return True
+
+
+def _lock_pid(lock: Path) -> int | None:
+    """The pid in LOCK; None if the file is empty or garbled (a crash or another program wrote it)."""
+    text = lock.read_bytes()[:64].decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process PID exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 
 from lrdeploy.errors import LrdError
+from lrdeploy.runtime.llamacpp import ADAPTER, BASE
+from lrdeploy.runtime.onnxrt import MODEL_FILE
 
 
 @dataclass
@@ -33,8 +35,43 @@ def torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def detect_backend(path: str | Path) -> str | None:
+    """The backend PATH runs on by itself: an artifact on torch, a GGUF export directory or .gguf file on llamacpp,
+    an ONNX export directory or .onnx file on onnxruntime; None for anything else (a model source, a hub id)."""
+    from lrdeploy.artifact import is_artifact
+
+    p = Path(path)
+    if is_artifact(p):
+        return "torch"
+    if (p / BASE).is_file() or (p.suffix == ".gguf" and p.is_file()):
+        return "llamacpp"
+    if (p / MODEL_FILE).is_file() or (p.suffix == ".onnx" and p.is_file()):
+        return "onnxruntime"
+    return None
+
+
+def auto_backend(source: str) -> str:
+    """`--backend auto`: the backend SOURCE runs on (detect_backend), torch for a model source."""
+    return detect_backend(source) or "torch"
+
+
+def adapter_beside(source: str | Path) -> Path | None:
+    """The adapter.gguf in the same directory as the .gguf file SOURCE (a GGUF export's LoRA), if there is one."""
+    p = Path(source)
+    adapter = p.parent / ADAPTER
+    if p.suffix != ".gguf" or p.name == adapter.name or not p.is_file() or not adapter.is_file():
+        return None
+    return adapter
+
+
 def open_backend(source: str, backend: str, device: str = "auto", lora: Path | None = None, n_ctx: int = 2048):
-    """SOURCE opened on BACKEND; every backend tokenizes with the same HF tokenizer so windows match exactly."""
+    """SOURCE opened on BACKEND; every backend tokenizes with the same HF tokenizer so windows match exactly.
+
+    BACKEND 'auto' picks it from SOURCE (auto_backend). On llamacpp a .gguf file gets the adapter.gguf beside it
+    unless LORA names one, as an export directory does; torch loads the file alone (eval warns about that).
+    """
+    if backend == "auto":
+        backend = auto_backend(source)
     if backend == "torch":
         from lrdeploy.artifact import artifact_tokenizer, is_artifact, load_artifact
         from lrdeploy.compressor.model import load_full
@@ -51,7 +88,7 @@ def open_backend(source: str, backend: str, device: str = "auto", lora: Path | N
     if backend == "llamacpp":
         from lrdeploy.runtime.llamacpp import open_llamacpp
 
-        return open_llamacpp(Path(source), lora=lora, n_ctx=n_ctx, device=device)
+        return open_llamacpp(Path(source), lora=lora or adapter_beside(source), n_ctx=n_ctx, device=device)
     if backend == "onnxruntime":
         from lrdeploy.runtime.onnxrt import open_onnxruntime
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lrdeploy.errors import LrdError
+from lrdeploy.io import cache_root
 
 BACKENDS = ("torch", "onnxruntime", "llamacpp")
 CHUNK = 512
@@ -77,6 +78,14 @@ def _label(path: str, taken: list[BenchModel]) -> str:
     label = p.name if p.is_dir() else p.stem
     names = {m.label for m in taken}
     return label if label not in names else f"{p.parent.name}/{label}"
+
+
+BASELINE_FORMS = {"llamacpp": "F16 GGUF", "onnxruntime": "fp32 ONNX"}  # what a baseline is exported to, per backend
+
+
+def baseline_cache() -> Path:
+    """Where exported baselines are kept: bench-baselines in the lrdeploy cache ($LRDEPLOY_CACHE)."""
+    return cache_root() / "bench-baselines"
 
 
 def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
@@ -500,7 +509,7 @@ class BenchOptions:
     ppl_range: str | None = None
     ppl_ctx: int = 512
     ppl_windows: int = 8
-    cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "lrdeploy" / "bench-baselines")
+    cache: Path = field(default_factory=baseline_cache)
 
 
 def run_child(spec: dict) -> dict:

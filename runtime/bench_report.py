@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from lrdeploy.io import atomic_write_bytes, atomic_write_json
+from lrdeploy.io import atomic_write_bytes, atomic_write_json, cache_root
+from lrdeploy.runtime.bench import BASELINE_FORMS
 
 MIB = 1 << 20
 PLOTS = {"throughput": "throughput-vs-ctx.png", "memory": "memory-vs-ctx.png", "quality": "ppl-vs-bytes.png"}
@@ -156,8 +158,46 @@ def plots(report: dict, out: Path) -> list[Path]:
     return written
 
 
+def report_path(path: str) -> str:
+    """PATH as a report records it: relative to the working directory when under it, '<cache>/…' under the lrdeploy
+    cache, '~/…' under the home directory, else as it is. A report is read on other machines, where this one's
+    absolute paths mean nothing."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    for base, prefix in ((Path.cwd(), ""), (cache_root(), "<cache>/"), (Path.home(), "~/")):
+        for a, b in ((p, base), (p.resolve(), base.resolve())):  # as given, then with links resolved
+            if a == b:
+                return prefix.rstrip("/") or "."
+            if b in a.parents:
+                return prefix + a.relative_to(b).as_posix()
+    return path
+
+
+def portable(report: dict, command: str) -> tuple[dict, str]:
+    """REPORT and COMMAND with every path as report_path records it; a baseline that bench exported into its cache
+    is named by its source and form instead, e.g. 'smollm2 (F16 GGUF, cached)'."""
+    report = copy.deepcopy(report)
+    source = report.get("baseline")
+    for m in report["models"]:
+        exported = m["role"] == "baseline" and source is not None and m["path"] != source
+        if exported and m["backend"] in BASELINE_FORMS:
+            m["path"] = f"{report_path(source)} ({BASELINE_FORMS[m['backend']]}, cached)"
+        else:
+            m["path"] = report_path(m["path"])
+        m["files"] = [report_path(f) for f in m.get("files", [])]
+    if source is not None:
+        report["baseline"] = report_path(source)
+    if report.get("ppl") and report["ppl"].get("text"):
+        report["ppl"]["text"] = report_path(report["ppl"]["text"])
+    command = " ".join(report_path(w) for w in command.split(" "))
+    return report, command
+
+
 def write_report(report: dict, out: Path, command: str) -> list[Path]:
-    """report.json, report.md and the plots in OUT, each written under a temporary name first."""
+    """report.json, report.md and the plots in OUT, each written under a temporary name first; paths as
+    `portable` records them."""
+    report, command = portable(report, command)
     out.mkdir(parents=True, exist_ok=True)
     files = plots(report, out)
     atomic_write_json(out / "report.json", report)

@@ -1,8 +1,11 @@
 """What a file really holds: tensors, types, bytes and bits per weight of a GGUF, an export or an artifact.
 
-bpw is 8·bytes / weights. `linear_bpw` counts only the decoder linears (q, k, v, o, gate, up, down) and, for an
-export, adds the adapter's L and R bytes to them: it is the same number as the artifact's manifest bpw, computed from
-what llama.cpp loads instead of what the compressor says.
+Two bpw, both 8·bytes / weights. `bpw_file` counts every tensor's bytes (embeddings, norms, an adapter's L and R)
+over every weight of the model: what the file costs. `bpw_linears` is the README's bpw: bytes of Q + L + R, scales
+included, over Σ out·in of the decoder linears (q, k, v, o, gate, up, down); for a GGUF export it adds the adapter's L
+and R bytes to the base file's linears, so it is the same number as the artifact's manifest bpw, computed from what
+llama.cpp loads instead of what the compressor says. Low-rank factors and quantization side tensors (MatMulNBits
+scales and zero points) add bytes but no weights.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ def is_linear_gguf(name: str) -> bool:
     return len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEAR_GGUF and parts[3] == "weight"
 
 
-def _row(name: str, type_: str, shape: tuple[int, ...], nbytes: int) -> dict:
+def _row(name: str, type_: str, shape: tuple[int, ...], nbytes: int, weights: int | None = None) -> dict:
+    """WEIGHTS: the model weights the tensor holds (default: its elements; 0 for low-rank factors and quantization side
+    tensors, K·N for packed MatMulNBits blocks). bpw is per weight where it has weights, else per element."""
     n = math.prod(shape) if shape else 1
-    bpw = 8 * nbytes / n if n else 0.0
-    return {"name": name, "type": type_, "shape": list(shape), "bytes": int(nbytes), "bpw": bpw}
+    weights = n if weights is None else weights
+    per = weights or n
+    return {"name": name, "type": type_, "shape": list(shape), "bytes": int(nbytes), "weights": int(weights),
+            "bpw": 8 * nbytes / per if per else 0.0}
 
 
 def gguf_tensors(path: Path) -> list[dict]:
@@ -37,7 +44,8 @@ def gguf_tensors(path: Path) -> list[dict]:
     from lrdeploy.compressor.sources import read_gguf_index
 
     _, index = read_gguf_index(Path(path))
-    return [_row(name, gguf.GGMLQuantizationType(t.qtype).name.lower(), t.shape, t.nbytes)
+    return [_row(name, gguf.GGMLQuantizationType(t.qtype).name.lower(), t.shape, t.nbytes,
+                 0 if name.endswith(LORA_SUFFIXES) else None)
             for name, t in index.items()]
 
 
@@ -55,11 +63,12 @@ def export_bpw(model: Path, adapter: Path | None) -> float | None:
     return linear_bpw(rows)
 
 
-def _summary(rows: list[dict], **extra: object) -> dict:
+def _summary(rows: list[dict], bpw_linears: float | None, bpw_linears_from: str | None, **extra: object) -> dict:
     nbytes = sum(r["bytes"] for r in rows)
-    params = sum(math.prod(r["shape"]) for r in rows)
-    return {"tensor_count": len(rows), "bytes": nbytes, "bpw": 8 * nbytes / params if params else 0.0,
-            **extra, "tensors": rows}
+    weights = sum(r["weights"] for r in rows)
+    return {"tensor_count": len(rows), "bytes": nbytes, "weights": weights,
+            "bpw_file": 8 * nbytes / weights if weights else None, "bpw_linears": bpw_linears,
+            "bpw_linears_from": bpw_linears_from if bpw_linears is not None else None, **extra, "tensors": rows}
 
 
 def _artifact_rows(path: Path) -> tuple[list[dict], dict]:
@@ -78,10 +87,35 @@ def _artifact_rows(path: Path) -> tuple[list[dict], dict]:
             r = entry["rank"]
             shape = {"q": (out, in_), "lora_l": (out, r), "lora_r": (r, in_)}[kind]
             fmt = entry["q_format"] if kind == "q" else (entry.get("lr_format") or "f16")
-            rows.append(_row(name, fmt, shape, nbytes))
+            rows.append(_row(name, fmt, shape, nbytes, None if kind == "q" else 0))
+        elif kind == "q" and (manifest.get("tensors") or {}).get(base, {}).get("q_format"):  # embedding/head blocks
+            t = manifest["tensors"][base]
+            rows.append(_row(name, t["q_format"], tuple(t["shape"]), nbytes))
         else:
             rows.append(_row(name, str(info["dtype"]).lower(), tuple(info["shape"]), nbytes))
     return rows, manifest
+
+
+ONNX_FACTOR_SUFFIXES = (".lora_l_t", ".lora_r_t", ".q.offsets_t")  # lrdeploy's ONNX export: L, R and Q's offsets
+
+
+def _matmulnbits_weights(graph) -> dict[str, int]:
+    """Weights held by MatMulNBits inputs: K·N for the packed blocks B, none for scales and zero points."""
+    packed: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 2:
+            continue
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
+        if attrs.get("K", 0) > 0 and attrs.get("N", 0) > 0:
+            packed[node.input[1]] = attrs["K"] * attrs["N"]
+        packed.update({name: 0 for name in node.input[2:] if name})
+    return packed
+
+
+def _onnx_side_weights(name: str) -> int | None:
+    """0 for the low-rank factors and offsets of lrdeploy's ONNX export (bytes, not weights), else None (elements)."""
+    base = name.rstrip("0123456789").removesuffix("_") if name[-1:].isdigit() else name  # Graph.fresh's '_N'
+    return 0 if base.endswith(ONNX_FACTOR_SUFFIXES) else None
 
 
 def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
@@ -98,6 +132,7 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
     except Exception as e:  # DecodeError, RuntimeWarning-as-error, OSError, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LrdError(f"cannot read ONNX {path}: {first}") from None
+    packed = _matmulnbits_weights(model.graph)
     rows = []
     for t in model.graph.initializer:
         try:
@@ -117,7 +152,7 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
                 nbytes = math.prod(shape) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             except (KeyError, TypeError, ValueError):
                 nbytes = 0
-        rows.append(_row(t.name, type_, shape, nbytes))
+        rows.append(_row(t.name, type_, shape, nbytes, packed.get(t.name, _onnx_side_weights(t.name))))
     if verify:
         try:
             onnx.checker.check_model(str(path))
@@ -127,11 +162,181 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
     return rows
 
 
+# fp16 fields (byte offsets in a block) that hold a ggml block's scales: d, and dmin or m where there is one
+GGUF_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+GGUF_FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+CHUNK = 1 << 26  # bytes per numpy pass
+
+
+def _nonfinite(raw, type_name: str, type_size: int) -> int | None:
+    """NaN/Inf count in a tensor's bytes: every value of a float tensor, the fp16 scales of a quantized one; None when
+    the type has neither (integers, types without an fp16 scale)."""
+    import numpy as np
+
+    if type_name in GGUF_FLOATS:
+        values = raw.view(GGUF_FLOATS[type_name])
+        if type_name == "BF16":  # exponent all ones
+            return int(np.count_nonzero((values & 0x7F80) == 0x7F80))
+        return int(values.size - np.count_nonzero(np.isfinite(values)))
+    if type_name in GGUF_SCALES:
+        blocks = raw.reshape(-1, type_size)
+        return sum(int(blocks.shape[0] - np.count_nonzero(np.isfinite(
+            np.ascontiguousarray(blocks[:, off:off + 2]).view("<f2")))) for off in GGUF_SCALES[type_name])
+    return None
+
+
+def gguf_data_layout(path: Path) -> tuple[int, int]:
+    """(where the tensor data section starts, general.alignment) of a GGUF: its header walked once, metadata values
+    skipped. gguf.GGUFReader gives the same, but builds every vocabulary entry first (~9 s for SmolLM2's on 2 cores)."""
+    import struct
+
+    import gguf
+    import numpy as np
+
+    vt = gguf.GGUFValueType
+    scalars = {vt.UINT8: "<B", vt.INT8: "<b", vt.UINT16: "<H", vt.INT16: "<h", vt.UINT32: "<I", vt.INT32: "<i",
+               vt.FLOAT32: "<f", vt.BOOL: "<?", vt.UINT64: "<Q", vt.INT64: "<q", vt.FLOAT64: "<d"}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    pos = 0
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def skip_string() -> None:
+        nonlocal pos
+        n = take("<Q")  # not `pos += take(...)`: that adds to pos as it was before take moved it
+        pos += n
+
+    def value(vtype: int) -> int | None:
+        nonlocal pos
+        if vtype in scalars:
+            return take(scalars[vtype])
+        if vtype == vt.STRING:
+            skip_string()
+        elif vtype == vt.ARRAY:
+            etype, count = take("<I"), take("<Q")
+            if etype in scalars:
+                pos += struct.calcsize(scalars[etype]) * count
+            else:
+                for _ in range(count):
+                    value(etype)
+        else:
+            raise ValueError(f"unknown metadata type {vtype}")
+        return None
+
+    try:
+        pos = 4
+        _, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+        align = 32
+        for _ in range(n_kv):
+            n = take("<Q")
+            key = bytes(data[pos : pos + n])
+            pos += n
+            v = value(take("<I"))
+            if key == b"general.alignment":
+                align = v
+        for _ in range(n_tensors):
+            skip_string()
+            n_dims = take("<I")
+            pos += 8 * n_dims + 4 + 8  # dims, type, offset
+    except (ValueError, struct.error, OverflowError) as e:
+        raise LrdError(f"cannot read GGUF {path}: {e}") from None
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0:
+        raise LrdError(f"cannot read GGUF {path}: bad general.alignment {align!r}")
+    return pos + (-pos % align), align
+
+
+def verify_gguf(path: Path) -> str:
+    """Check a GGUF beyond its header; returns what was checked, in one line.
+
+    The tensors, in offset order, must not overlap, and no bytes may lie before, between or after them beyond
+    alignment padding: the tensor table accounts for the whole data section. Every tensor's bytes are then read:
+    float tensors and the fp16 scales of quantized blocks must hold no NaN or Inf. GGUF has no checksum, so a changed
+    quantized value (a flipped bit in a code) cannot be detected.
+    """
+    import gguf
+    import numpy as np
+
+    from lrdeploy.compressor.sources import read_gguf_index
+
+    path = Path(path)
+    _, index = read_gguf_index(path)
+    tensors = sorted(index.items(), key=lambda item: item[1].offset)
+    pos, align = gguf_data_layout(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    before = "the start of the tensor data"
+    floats = scaled = nbytes = 0
+    unchecked: set[str] = set()
+    for name, t in tensors:
+        start, size = t.offset, t.nbytes
+        if start < pos:
+            raise LrdError(f"cannot verify GGUF {path}: tensor {name} overlaps {before}")
+        if start - pos >= align:
+            raise LrdError(f"cannot verify GGUF {path}: {start - pos} bytes before tensor {name} belong to no "
+                           f"tensor (alignment {align})")
+        if start + size > len(data):
+            raise LrdError(f"cannot verify GGUF {path}: tensor {name} runs past the end of the file (truncated?)")
+        qtype = gguf.GGMLQuantizationType(t.qtype)
+        type_name, (_, type_size) = qtype.name, gguf.GGML_QUANT_SIZES[qtype]
+        step = max(type_size, CHUNK // type_size * type_size)
+        bad = 0
+        for i in range(start, start + size, step):
+            chunk = np.asarray(data[i : min(i + step, start + size)])
+            n = _nonfinite(chunk, type_name, type_size)
+            if n is None:  # nothing to check in this type: read its bytes all the same (I/O errors surface here)
+                np.bitwise_or.reduce(chunk)
+            bad += n or 0
+        if bad:
+            where = "values" if type_name in GGUF_FLOATS else "block scales"
+            raise LrdError(f"GGUF {path}: tensor {name} ({type_name.lower()}) has {bad} NaN/Inf {where} (corrupt)")
+        if type_name in GGUF_FLOATS:
+            floats += 1
+        elif type_name in GGUF_SCALES:
+            scaled += 1
+        elif size:
+            unchecked.add(type_name.lower())
+        nbytes += size
+        pos, before = start + size, f"tensor {name}"
+    if len(data) - pos >= align:
+        raise LrdError(f"cannot verify GGUF {path}: {len(data) - pos} bytes after {before} belong to no tensor "
+                       f"(alignment {align})")
+    line = (f"{path.name}: header and tensor table; {len(tensors)} tensors fill the data section exactly (no "
+            f"overlap, nothing but alignment padding between them or after the last); {nbytes:,} tensor bytes read; "
+            f"no NaN/Inf in {floats} float tensors or in the fp16 scales of {scaled} quantized tensors")
+    if unchecked:
+        line += f" ({', '.join(sorted(unchecked))}: no fp16 scale to check)"
+    return line + ". Not checkable: quantized codes (GGUF has no checksum)"
+
+
+def _onnx_bpw(folder: Path) -> float | None:
+    """The linears' bpw an ONNX export records (its artifact's: Q + L + R as the compressor stored them)."""
+    import json
+
+    meta = folder / "lrdeploy_onnx.json"
+    if not meta.is_file():
+        return None
+    try:
+        bpw = json.loads(meta.read_text()).get("bpw")
+    except (ValueError, AttributeError):
+        return None
+    return float(bpw) if isinstance(bpw, (int, float)) else None
+
+
+def _gguf_magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def inspect_path(path: Path, verify: bool = False) -> dict:
     """Tensors of a .gguf or .onnx file, an export directory (GGUF or ONNX) or an artifact directory.
 
-    VERIFY checks an artifact's files against the sha256 its manifest records, and an ONNX graph with onnx's
-    checker; a GGUF's header is always checked (every tensor must lie inside the file).
+    A GGUF's header is always checked (every tensor must lie inside the file). VERIFY checks more, and `checks` says
+    what, one line per file: an artifact's files against the size and sha256 its manifest records, an ONNX graph
+    with onnx's checker, a GGUF as `verify_gguf` does.
     """
     from lrdeploy.artifact import MANIFEST, WEIGHTS, is_artifact, verify_files
 
@@ -140,26 +345,42 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         raise LrdError(f"no such file or directory: {path}")
     if path.is_file():
         if path.suffix == ".onnx":
-            return _summary(onnx_tensors(path, verify), kind="onnx", file_bytes=path.stat().st_size,
-                            verified=[path.name] if verify else [])
+            bpw = _onnx_bpw(path.parent)
+            return _summary(onnx_tensors(path, verify), bpw, "lrdeploy_onnx.json", kind="onnx",
+                            file_bytes=path.stat().st_size, **_onnx_checks([path.name] if verify else []))
+        if path.suffix != ".gguf" and _gguf_magic(path) != b"GGUF":
+            raise LrdError(f"{path} is neither a GGUF file (magic 'GGUF') nor an ONNX model (.onnx) nor an lrdeploy "
+                           "artifact or export directory")
         rows = gguf_tensors(path)
-        return _summary(rows, kind="gguf", file_bytes=path.stat().st_size, linear_bpw=linear_bpw(rows),
-                        verified=[path.name] if verify else [])
+        return _summary(rows, linear_bpw(rows), "tensors", kind="gguf", file_bytes=path.stat().st_size,
+                        **_gguf_checks([path] if verify else []))
     if is_artifact(path):
         rows, manifest = _artifact_rows(path)
         checked = verify_files(path, manifest) if verify else []
-        return _summary(rows, kind="artifact", linear_bpw=(manifest.get("summary") or {}).get("bpw"),
-                        verified=checked)
+        checks = [f"{name}: size and sha256 match the manifest" for name in checked]
+        return _summary(rows, (manifest.get("summary") or {}).get("bpw"), "manifest", kind="artifact",
+                        verified=checked, checks=checks)
     model = path / "model.gguf"
     if model.is_file():
         files = [model] + [p for p in (path / "adapter.gguf",) if p.is_file()]
         rows = [row for f in files for row in gguf_tensors(f)]
-        return _summary(rows, kind="gguf export", file_bytes=sum(f.stat().st_size for f in files),
-                        linear_bpw=linear_bpw(rows), verified=[f.name for f in files] if verify else [])
+        return _summary(rows, linear_bpw(rows), "tensors", kind="gguf export",
+                        file_bytes=sum(f.stat().st_size for f in files), **_gguf_checks(files if verify else []))
     if (path / "model.onnx").is_file():
         files = [f for f in path.iterdir() if f.name.startswith("model.onnx")]
-        return _summary(onnx_tensors(path / "model.onnx", verify), kind="onnx export",
-                        file_bytes=sum(f.stat().st_size for f in files), verified=["model.onnx"] if verify else [])
+        return _summary(onnx_tensors(path / "model.onnx", verify), _onnx_bpw(path), "lrdeploy_onnx.json",
+                        kind="onnx export", file_bytes=sum(f.stat().st_size for f in files),
+                        **_onnx_checks(["model.onnx"] if verify else []))
     if (path / WEIGHTS).is_file():
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")
-    raise LrdError(f"{path} is not a .gguf or .onnx file, an export directory or an lrdeploy artifact")
+    raise LrdError(f"{path} is neither an lrdeploy artifact ({MANIFEST}) nor an export directory (model.gguf or "
+                   "model.onnx), and not a .gguf or .onnx file")
+
+
+def _gguf_checks(files: list[Path]) -> dict:
+    return {"verified": [f.name for f in files], "checks": [verify_gguf(f) for f in files]}
+
+
+def _onnx_checks(names: list[str]) -> dict:
+    return {"verified": names, "checks": [f"{n}: onnx.checker (graph, operator schemas, initializer types); weight "
+                                          "values not checked" for n in names]}

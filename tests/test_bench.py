@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lrdeploy.errors import LrdError
 from lrdeploy.runtime.bench import (
+    BenchOptions,
     OnnxRunner,
     TorchRunner,
     analytic_max_ctx,
@@ -15,6 +17,9 @@ from lrdeploy.runtime.bench import (
     parse_ctx,
     search_max_ctx,
 )
+from lrdeploy.runtime.bench_report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +152,56 @@ def test_parsers():
 def test_unrunnable_target_is_a_clear_error(cli, tiny_llama, tmp_path):
     code, _, err = cli("bench", str(tmp_path), "--baseline", str(tiny_llama), "-q")
     assert code == 2 and "is not an artifact, a GGUF export or an ONNX export" in err
+
+
+def test_baseline_cache_honours_lrdeploy_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LRDEPLOY_CACHE", str(tmp_path / "cache"))
+    assert BenchOptions().cache == tmp_path / "cache" / "bench-baselines"
+    monkeypatch.delenv("LRDEPLOY_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert BenchOptions().cache == tmp_path / "home" / ".cache" / "lrdeploy" / "bench-baselines"
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def test_report_records_no_absolute_paths(monkeypatch, tmp_path):
+    """A result whose paths are absolute, under the working directory and under the cache, is written with paths
+    relative to the working directory, '<cache>/…', and the exported baselines named by source and form."""
+    result = json.loads((REPO / "docs" / "bench" / "report.json").read_text())  # a real report's shape and numbers
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LRDEPLOY_CACHE", str(cache))
+    for m in result["models"]:
+        baseline = m["role"] == "baseline"
+        folder = cache / "bench-baselines" / f"key-{m['backend']}" if baseline else work / "out" / m["label"]
+        m["path"] = str(folder)
+        m["files"] = [str(folder / Path(f).name) for f in m["files"]]
+    result["ppl"]["text"] = str(work / "data" / "text.txt")
+    command = f"lrdeploy bench {work / 'out' / 'a'} --baseline smollm2 --ppl-text {work / 'data' / 'text.txt'}"
+    write_report(result, work / "report", command)
+
+    data = json.loads((work / "report" / "report.json").read_text())
+    md = (work / "report" / "report.md").read_text()
+    assert not [s for s in _strings(data) if s.startswith("/") or str(tmp_path) in s]
+    assert str(tmp_path) not in md
+    models = {m["label"]: m for m in data["models"]}
+    assert models["uncompressed (llamacpp)"]["path"] == "smollm2 (F16 GGUF, cached)"
+    assert models["uncompressed (onnxruntime)"]["path"] == "smollm2 (fp32 ONNX, cached)"
+    assert models["uncompressed (llamacpp)"]["files"] == ["<cache>/bench-baselines/key-llamacpp/model.gguf"]
+    assert models["smollm2-gguf"]["path"] == "out/smollm2-gguf"
+    assert models["smollm2-gguf"]["files"] == ["out/smollm2-gguf/model.gguf", "out/smollm2-gguf/adapter.gguf"]
+    assert data["ppl"]["text"] == "data/text.txt"
+    assert "Command: `lrdeploy bench out/a --baseline smollm2 --ppl-text data/text.txt`" in md
+    assert result["models"][0]["path"].startswith(str(cache))  # the result itself (bench --json) is left as it is
+    numbers = {k: v for k, v in result.items() if k not in ("models", "ppl")}
+    assert {k: v for k, v in data.items() if k not in ("models", "ppl")} == numbers

@@ -103,3 +103,24 @@ def test_lplr_quantized_factors_decode_from_their_bytes():
     grid = grids.get_grid("q8_0")
     assert torch.equal(grids.unpack(grid, lr.L.raw, (96, 32)), lr.L.values)
     assert torch.equal(grids.unpack(grid, lr.R.raw, (32, 256)), lr.R.values)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.05])
+def test_top_svd_captures_the_top_energy(decay):
+    """The randomized top-r SVD keeps the best rank-r energy on flat (quantization-noise-like) and decaying spectra."""
+    torch.manual_seed(11)
+    m, n, rank = 640, 400, 32
+    U = torch.linalg.qr(torch.randn(m, n)).Q
+    V = torch.linalg.qr(torch.randn(n, n)).Q
+    s = torch.exp(-decay * torch.arange(n, dtype=torch.float32)) + 0.1 * torch.rand(n)
+    A = (U * s) @ V.T
+    Ur, sr, Vhr = dec.top_svd(A, rank)
+    exact = torch.linalg.svdvals(A)[:rank]
+    assert 4 * (rank + 32) < min(m, n)  # the randomized path, not the exact fallback
+    if decay:  # a decaying spectrum: the leading singular values themselves are found
+        assert torch.allclose(sr, exact, rtol=1e-3)
+    # on a flat one any near-top subspace is as good: what counts is the residual, within 1% of the optimum
+    best = float((torch.linalg.svdvals(A)[rank:] ** 2).sum())
+    got = float(((Ur * sr) @ Vhr - A).square().sum())
+    assert got <= best * 1.01, (got, best)
+    assert torch.equal(dec.top_svd(A, rank)[1], sr)  # seeded: a pure function of A

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import WIKITEXT
+
 from lrdeploy.artifact import QLRLinear, artifact_tokenizer, load_artifact, read_manifest
 from lrdeploy.compressor.driver import CompressOptions, compress
 from lrdeploy.compressor.sources import open_source, permute_rows, read_gguf_index

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lrdeploy.io import cache_root
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
@@ -247,7 +249,8 @@ def _cores() -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", default=None, help="SmolLM2 artifact to export (default: compress one into --work)")
-    p.add_argument("--work", default=str(Path.home() / ".cache" / "lrdeploy" / "bench_onnx"))
+    p.add_argument("--work", default=str(cache_root() / "bench_onnx"), help="where the artifact and exports are "
+                   "kept (default: bench_onnx in the lrdeploy cache, $LRDEPLOY_CACHE)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, compress the bundled SmolLM2 with the defaults, export it to GGUF
-# (base + LoRA adapter) and ONNX, and benchmark both against the uncompressed model (report in $REPORT).
+# (base + LoRA adapter) and ONNX, and benchmark both against the uncompressed model. Everything goes under $OUT
+# (default out/), the report in $REPORT (default $OUT/bench); REPORT=docs/bench regenerates the committed one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 LRD=.venv/bin/lrdeploy
 OUT=${OUT:-out}
-DATA=../shared/data/wikitext2-valid.txt
-CALIB=(); PPL=()
-if [ -f "$DATA" ]; then CALIB=(--calib "$DATA" --calib-range 0:0.5); PPL=(--ppl-text "$DATA" --ppl-range 0.5:1); fi
-REPORT=${REPORT:-docs/bench}
+DATA=tools/data/wikitext2-valid.txt  # WikiText-2 validation split: calibrate on the first half, score the second
+CALIB=(--calib "$DATA" --calib-range 0:0.5); PPL=(--ppl-text "$DATA" --ppl-range 0.5:1)
+REPORT=${REPORT:-$OUT/bench}
 if [ -f "$OUT/smollm2-caldera/lrdeploy.json" ]; then echo "reusing $OUT/smollm2-caldera (delete it to recompress)";
 else $LRD compress smollm2 -o "$OUT/smollm2-caldera" "${CALIB[@]}" --force; fi
 $LRD export "$OUT/smollm2-caldera" --format gguf -o "$OUT/smollm2-gguf" --force

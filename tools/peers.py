@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import run_json as shared_run_json  # noqa: E402
 from report_sections import WIKITEXT, update_section  # noqa: E402
+from report_sections import run_json as shared_run_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
