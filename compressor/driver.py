@@ -474,9 +474,10 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
         shard = tmp / "layers" / f"{i:04d}.safetensors"
         if i >= state["layers_done"]:
             t0 = time.perf_counter()
+            stages = state.setdefault("stage_seconds", {})
             tensors, entries, parts = _compress_block(
                 teacher, prefix, plans, o, student_x if o.inputs == "student" else None,
-                teacher_x if o.inputs == "teacher" else None, ctx, progress)
+                teacher_x if o.inputs == "teacher" else None, ctx, progress, stages)
             records = {k: v.to_json() for k, v in entries.items()}
             if modes:
                 y = run_block(teacher, teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
@@ -492,9 +493,11 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
             for name in LINEARS:
                 progress(f"layer {i} {name} (resumed)")
         if student_x is not None:
+            t1 = time.perf_counter()
             student = _student_block(teacher, prefix, shard, state["linears"], device)
             student_x = run_block(student, student_x, ctx, o.batch_size)
             del student
+            _add_seconds(state, "student_forward", time.perf_counter() - t1)
         if y is not None:
             teacher_x, y = y, None
         elif teacher_x is not None:
@@ -573,6 +576,7 @@ def _compress_block(
     teacher_x: torch.Tensor | None,
     ctx: dict,
     progress: Progress | None,
+    stages: dict[str, float],
 ) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry], dict[str, tuple[dec.Decomposition, torch.Tensor]]]:
     """Compress the 7 linears of one block, group by group, with H from student or teacher inputs.
 
@@ -582,15 +586,17 @@ def _compress_block(
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, LinearEntry] = {}
     parts: dict[str, tuple[dec.Decomposition, torch.Tensor]] = {}
+    t_h = time.perf_counter()
     if teacher_x is not None:  # teacher inputs: every H comes from one pass of the original block
         firsts = tuple(g[0] for g in LINEAR_GROUPS)
         hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size)
-        stages = iter([hs[name] for name in firsts])
+        h_stages = iter([hs[name] for name in firsts])
     else:  # student inputs: each H sees the already-compressed linears before it
-        stages = staged_h(student, student_x, ctx, o.batch_size)
+        h_stages = staged_h(student, student_x, ctx, o.batch_size)
     for group in LINEAR_GROUPS:
-        H = next(stages)
+        H = next(h_stages)
         fac = dec.hessian_factor(H, o.damp)
+        stages["h_collection"] = stages.get("h_collection", 0.0) + time.perf_counter() - t_h
         for name in group:
             full = prefix + name
             plan = plans[full]
@@ -616,6 +622,7 @@ def _compress_block(
             parts[name] = (d, fac.H)
             if progress:
                 progress(f"layer {prefix.split('.')[2]} {name}")
+        t_h = time.perf_counter()  # the next group's H starts here: its activations come from the swapped linears
     return tensors, entries, parts
 
 
@@ -813,6 +820,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
         **_refine_records(o, state),
         "timings": {
             "compress_seconds": round(state["seconds"], 2),
+            "stages": stage_seconds(state),
             "wall_seconds_this_run": round(seconds, 2),
             "device": str(device),
             "host": platform.node(),
@@ -822,6 +830,25 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     return _finalize(tmp, out)
+
+
+def _add_seconds(state: dict, stage: str, seconds: float) -> None:
+    stages = state.setdefault("stage_seconds", {})
+    stages[stage] = stages.get(stage, 0.0) + seconds
+
+
+def stage_seconds(state: dict) -> dict:
+    """Where the time went, summed over blocks: H collection (the block's forward passes, XᵀX and its Cholesky
+    factors), decomposition per linear type, distillation, and the compressed block's forward that feeds the next
+    block (student inputs)."""
+    by_type: dict[str, float] = {}
+    for name, e in state["linears"].items():
+        kind = name.rsplit(".", 1)[-1]
+        by_type[kind] = by_type.get(kind, 0.0) + (e.get("seconds") or 0.0)
+    spent = {k: round(v, 2) for k, v in state.get("stage_seconds", {}).items()}
+    distill = sum(r.get("seconds", 0.0) for r in state.get("distill", []))
+    return {**spent, "decompose": {k: round(v, 2) for k, v in by_type.items()},
+            **({"distill": round(distill, 2)} if state.get("distill") else {})}
 
 
 def _finalize(tmp: Path, out: Path) -> dict:

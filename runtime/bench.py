@@ -119,6 +119,18 @@ def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
     return BenchModel(f"uncompressed ({backend})", str(out), backend, "baseline")
 
 
+def file_bpw(m: BenchModel, run: dict) -> float | None:
+    """bpw over the linears as the target's files store them. An ONNX export's own record is its artifact's bpw
+    (q2_k counted at 2.625 though the graph holds 4-bit codes), so it is read from the graph, here in the parent:
+    parsing the protobuf in a measured child would add to its load time and memory."""
+    if m.backend != "onnxruntime":
+        return run["bpw"]
+    from lrdeploy.runtime.inspect import onnx_linear_bpw, onnx_tensors
+
+    model = Path(m.path) / "model.onnx" if Path(m.path).is_dir() else Path(m.path)
+    return onnx_linear_bpw(onnx_tensors(model)) or run["bpw"]
+
+
 def model_files(m: BenchModel) -> list[Path]:
     """The files that hold M's weights (what a user copies to a device)."""
     p = Path(m.path)
@@ -575,7 +587,7 @@ def bench(targets: list[BenchModel], baseline: str, opts: BenchOptions,
     for m in order:
         r = results[m.label]
         first = r["runs"][0]
-        r.update(kv_per_token=first["kv_per_token"], max_positions=first["max_positions"], bpw=first["bpw"],
+        r.update(kv_per_token=first["kv_per_token"], max_positions=first["max_positions"], bpw=file_bpw(m, first),
                  load_s=statistics.median(x["load_s"] for x in r["runs"]),
                  rss_after_load=statistics.median(x["rss_after_load"] for x in r["runs"]),
                  ctx=_median_rows(r["runs"]))

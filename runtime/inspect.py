@@ -152,7 +152,9 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
                 nbytes = math.prod(shape) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             except (KeyError, TypeError, ValueError):
                 nbytes = 0
-        rows.append(_row(t.name, type_, shape, nbytes, packed.get(t.name, _onnx_side_weights(t.name))))
+        row = _row(t.name, type_, shape, nbytes, packed.get(t.name, _onnx_side_weights(t.name)))
+        row["linear"] = t.name in packed or _onnx_side_weights(t.name) == 0  # a quantized linear's bytes
+        rows.append(row)
     if verify:
         try:
             onnx.checker.check_model(str(path))
@@ -312,6 +314,19 @@ def verify_gguf(path: Path) -> str:
     return line + ". Not checkable: quantized codes (GGUF has no checksum)"
 
 
+def onnx_linear_bpw(rows: list[dict]) -> float | None:
+    """bpw of the compressed linears as the ONNX file stores them: MatMulNBits blocks with their scales and zero
+    points, plus lrdeploy's low-rank factors and offsets, over the blocks' K·N weights (None: no such linear)."""
+    weights = sum(r["weights"] for r in rows if r.get("linear"))
+    return 8 * sum(r["bytes"] for r in rows if r.get("linear")) / weights if weights else None
+
+
+def _onnx_linears(rows: list[dict], folder: Path) -> tuple[float | None, str]:
+    """The file's own linear bpw where it has MatMulNBits linears, else what lrdeploy_onnx.json records."""
+    bpw = onnx_linear_bpw(rows)
+    return (bpw, "tensors") if bpw is not None else (_onnx_bpw(folder), "lrdeploy_onnx.json")
+
+
 def _onnx_bpw(folder: Path) -> float | None:
     """The linears' bpw an ONNX export records (its artifact's: Q + L + R as the compressor stored them)."""
     import json
@@ -345,8 +360,8 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         raise LrdError(f"no such file or directory: {path}")
     if path.is_file():
         if path.suffix == ".onnx":
-            bpw = _onnx_bpw(path.parent)
-            return _summary(onnx_tensors(path, verify), bpw, "lrdeploy_onnx.json", kind="onnx",
+            rows = onnx_tensors(path, verify)
+            return _summary(rows, *_onnx_linears(rows, path.parent), kind="onnx",
                             file_bytes=path.stat().st_size, **_onnx_checks([path.name] if verify else []))
         if path.suffix != ".gguf" and _gguf_magic(path) != b"GGUF":
             raise LrdError(f"{path} is neither a GGUF file (magic 'GGUF') nor an ONNX model (.onnx) nor an lrdeploy "
@@ -368,8 +383,9 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
                         file_bytes=sum(f.stat().st_size for f in files), **_gguf_checks(files if verify else []))
     if (path / "model.onnx").is_file():
         files = [f for f in path.iterdir() if f.name.startswith("model.onnx")]
-        return _summary(onnx_tensors(path / "model.onnx", verify), _onnx_bpw(path), "lrdeploy_onnx.json",
-                        kind="onnx export", file_bytes=sum(f.stat().st_size for f in files),
+        rows = onnx_tensors(path / "model.onnx", verify)
+        return _summary(rows, *_onnx_linears(rows, path), kind="onnx export",
+                        file_bytes=sum(f.stat().st_size for f in files),
                         **_onnx_checks(["model.onnx"] if verify else []))
     if (path / WEIGHTS).is_file():
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")

@@ -40,6 +40,11 @@ def test_compress_caldera_artifact_roundtrip(tiny_llama, calib_text, tmp_path, c
     assert all(0 <= v["error"] < 0.5 for v in m["linears"].values())
     assert m["files"]["model.safetensors"]["sha256"]
     assert not (tmp_path / "art.partial").exists()
+    stages = m["timings"]["stages"]  # where the time went, per stage and per linear type
+    assert set(stages["decompose"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert stages["decompose"]["down_proj"] == pytest.approx(
+        sum(v["seconds"] for k, v in m["linears"].items() if k.endswith("down_proj")), abs=0.01)
+    assert stages["h_collection"] > 0 and stages["student_forward"] > 0 and "distill" not in stages
 
     model, _ = load_artifact(out)
     layer = model.model.layers[1].mlp.down_proj

@@ -479,6 +479,9 @@ def test_inspect_onnx(small, cli):
     types = {r["type"] for r in info["tensors"]}
     assert "uint8" in types  # MatMulNBits blocks
     assert info["bytes"] <= info["file_bytes"]
+    # the file's own linear bpw, from the graph: q8_0 as 8-bit MatMulNBits codes and an fp32 scale per 32 weights
+    # (the op's default zero point) = 8 + 1, not the artifact's 8.5
+    assert info["bpw_linears_from"] == "tensors" and info["bpw_linears"] == pytest.approx(9.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
