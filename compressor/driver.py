@@ -396,7 +396,11 @@ def compress(
     o = options.resolved()
     out = Path(out)
     with output_lock(out):  # taken before OUT and OUT.partial are looked at: a second run must not touch them
-        return _compress(source, o, out, resume, force, progress, stop_after)
+        try:
+            return _compress(source, o, out, resume, force, progress, stop_after)
+        except OSError:  # a full disk or a failed write: drop half-written files while this run still owns OUT
+            tidy_partial(out)
+            raise
 
 
 def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, force: bool,
@@ -930,15 +934,21 @@ def summarize(linears: dict, tensors: dict | None = None, stored_bytes: int | No
 def tidy_partial(out: Path) -> int:
     """After a failed write: drop half-written *.tmp files from OUT.partial, keep finished layers; returns how many.
 
-    Every finished file was renamed into place whole, so only the *.tmp siblings can be damaged.
+    Every finished file was renamed into place whole, so only the *.tmp siblings can be damaged. Call it while
+    holding OUT's lock: another run's *.tmp files are not strays.
     """
+    tmp = Path(out).with_name(Path(out).name + ".partial")
+    if tmp.is_dir():
+        for stray in tmp.rglob("*.tmp"):
+            stray.unlink(missing_ok=True)
+    return finished_layers(out)
+
+
+def finished_layers(out: Path) -> int:
+    """How many blocks OUT.partial holds finished (0 when there is no readable run state)."""
     import json
 
     tmp = Path(out).with_name(Path(out).name + ".partial")
-    if not tmp.is_dir():
-        return 0
-    for stray in tmp.rglob("*.tmp"):
-        stray.unlink(missing_ok=True)
     try:
         return int(json.loads((tmp / "state.json").read_text())["layers_done"])
     except (OSError, ValueError, KeyError, TypeError):

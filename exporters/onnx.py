@@ -760,7 +760,8 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    what = (f"{counts['matmulnbits']} linears as MatMulNBits, {counts['lowrank']} with L·R, bpw {bpw:.3f}"
+    what = (f"{counts['matmulnbits']} linears as MatMulNBits, {counts['lowrank']} with L·R, artifact bpw {bpw:.3f} "
+            "(`lrdeploy inspect` gives the file's)"
             if manifest is not None else f"{counts['dense']} dense MatMuls (uncompressed baseline)")
     message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {shape.layers} layers): "
                f"{what}, in {seconds:.1f} s")

@@ -114,11 +114,11 @@ def compress(
             bar.stop()
             err.print(f"interrupted; finished layers are kept. Resume with: {_resume_command()}", soft_wrap=True)
             raise typer.Exit(130) from None
-        except OSError as e:  # a full disk or a failed write: what is finished stays in OUTPUT.partial
-            from lrdeploy.compressor.driver import tidy_partial
+        except OSError as e:  # a full disk or a failed write: the driver tidied OUTPUT.partial under its lock
+            from lrdeploy.compressor.driver import finished_layers
 
             bar.stop()
-            done = tidy_partial(output)
+            done = finished_layers(output)
             raise LrdError(f"{_os_error(e)}; {done} finished layers are kept in {output}.partial; fix the problem, "
                            f"then resume with: {_resume_command()}") from None
     summary = result.manifest["summary"]
