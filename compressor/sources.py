@@ -141,11 +141,8 @@ class ModelSource:
         return torch.from_numpy(np.array(data, dtype=np.float32).reshape(raw.shape[0], t.shape[-1]))
 
     def _gguf_tensor(self, name: str) -> torch.Tensor:
-        import gguf
-
         t = self._index[name]
-        data = gguf.quants.dequantize(t.raw(), gguf.GGMLQuantizationType(t.qtype))
-        w = torch.from_numpy(np.array(data, dtype=np.float32).reshape(t.shape))
+        w = self._gguf_rows(t, t.raw()).reshape(t.shape)
         if self.gguf_arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             w = unpermute_rows(w, heads)

@@ -35,17 +35,20 @@ def torch_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def detect_backend(path: str | Path) -> str | None:
+def detect_backend(path: str | Path, files: bool = True) -> str | None:
     """The backend PATH runs on by itself: an artifact on torch, a GGUF export directory or .gguf file on llamacpp,
-    an ONNX export directory or .onnx file on onnxruntime; None for anything else (a model source, a hub id)."""
+    an ONNX export directory or .onnx file on onnxruntime; None for anything else (a model source, a hub id).
+
+    FILES False counts only artifacts and export directories: bench's baseline treats a bare .gguf as a model source.
+    """
     from lrdeploy.artifact import is_artifact
 
     p = Path(path)
     if is_artifact(p):
         return "torch"
-    if (p / BASE).is_file() or (p.suffix == ".gguf" and p.is_file()):
+    if (p / BASE).is_file() or (files and p.suffix == ".gguf" and p.is_file()):
         return "llamacpp"
-    if (p / MODEL_FILE).is_file() or (p.suffix == ".onnx" and p.is_file()):
+    if (p / MODEL_FILE).is_file() or (files and p.suffix == ".onnx" and p.is_file()):
         return "onnxruntime"
     return None
 

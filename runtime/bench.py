@@ -43,28 +43,16 @@ class BenchModel:
     role: str  # "target" or "baseline"
 
 
-def detect_backend(path: str) -> str | None:
-    """The backend a path runs on by itself: artifacts on torch, exports on their runtime; None for model sources."""
-    from lrdeploy.artifact import is_artifact
-
-    p = Path(path)
-    if is_artifact(p):
-        return "torch"
-    if p.is_dir() and (p / "model.gguf").is_file():
-        return "llamacpp"
-    if p.is_dir() and (p / "model.onnx").is_file():
-        return "onnxruntime"
-    return None
-
-
 def resolve_targets(paths: list[str], backend: str) -> list[BenchModel]:
     if backend not in ("auto", *BACKENDS):
         raise LrdError(f"unknown backend '{backend}'; choose auto, {', '.join(BACKENDS)}")
+    from lrdeploy.runtime.backends import detect_backend
+
     models = []
     for path in paths:
         if not Path(path).exists():
             raise LrdError(f"no such target: {path}")
-        found = detect_backend(path) or ("llamacpp" if path.endswith(".gguf") else None)
+        found = detect_backend(path, files=False) or ("llamacpp" if path.endswith(".gguf") else None)
         if found is None:
             raise LrdError(f"{path} is not an artifact, a GGUF export or an ONNX export")
         if backend != "auto" and backend != found:
@@ -94,7 +82,9 @@ def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
     llama.cpp gets an F16 GGUF (what llama.cpp users run unquantized), onnxruntime an fp32 graph (fp16 on CPU is
     slower than fp32 in onnxruntime), torch the model itself in float32.
     """
-    own = detect_backend(source)
+    from lrdeploy.runtime.backends import detect_backend
+
+    own = detect_backend(source, files=False)
     if own == backend or (own is None and backend == "torch"):
         return BenchModel(f"uncompressed ({backend})", source, backend, "baseline")
     if own is not None:

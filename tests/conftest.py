@@ -17,6 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
 
 
+# Narrow random models and the cheap, resumable CLI options of the reliability and lock tests.
+CHEAP = ["--method", "rtn", "--q-format", "q8_0", "--calib-tokens", "256", "--seq-len", "64", "--device", "cpu",
+         "-q"]
+RESUMABLE = ["--method", "ldlq", "--q-format", "q8_0", "--calib-range", "0:0.02", "--calib-tokens", "512", "--seq-len",
+             "64", "--device", "cpu", "-q"]
+NARROW = {"hidden": 64, "ffn": 128, "heads": 2, "kv_heads": 1}  # small enough for ldlq to take seconds on 2 cores
+
+
+def narrow_rtn_artifact(root: Path, layers: int) -> tuple[Path, Path]:
+    """A narrow random model (hidden 64: q8_0 fits, K-quants don't) and its q8_0 rtn artifact: (model, artifact)."""
+    from lrdeploy.compressor.driver import CompressOptions, compress
+    from lrdeploy.compressor.sources import open_source
+
+    model = make_random_model(root / "model", layers=layers, **NARROW)
+    opts = CompressOptions(method="rtn", q_format="q8_0", calib_tokens=256, seq_len=64, device="cpu")
+    compress(open_source(str(model)), opts, root / "art")
+    return model, root / "art"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """2 blocks, hidden 256, ffn 512, GQA 4/2: every dim a multiple of 256, so all K-quants fit per row."""

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CHEAP, NARROW, RESUMABLE, narrow_rtn_artifact
 from interrupt import signal_after_first_block
 
 from lrdeploy.artifact import read_manifest
@@ -23,23 +24,14 @@ from lrdeploy.compressor.sources import open_source
 from lrdeploy.errors import LrdError
 from lrdeploy.io import lock_path, output_lock
 
-CHEAP = ["--method", "rtn", "--q-format", "q8_0", "--calib-tokens", "256", "--seq-len", "64", "--device", "cpu", "-q"]
-RESUMABLE = ["--method", "ldlq", "--q-format", "q8_0", "--calib-range", "0:0.02", "--calib-tokens", "512", "--seq-len",
-             "64", "--device", "cpu", "-q"]
-NARROW = {"hidden": 64, "ffn": 128, "heads": 2, "kv_heads": 1}
 EXE = [sys.executable, "-m", "lrdeploy.cli"]
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dict[str, Path]:
     """Two narrow blocks (rtn takes a few seconds) and their rtn artifact."""
-    from random_model import make_random_model
-
-    root = tmp_path_factory.mktemp("lock")
-    model = make_random_model(root / "model", layers=2, **NARROW)
-    opts = CompressOptions(method="rtn", q_format="q8_0", calib_tokens=256, seq_len=64, device="cpu")
-    compress(open_source(str(model)), opts, root / "art")
-    return {"model": model, "art": root / "art"}
+    model, art = narrow_rtn_artifact(tmp_path_factory.mktemp("lock"), layers=2)
+    return {"model": model, "art": art}
 
 
 def _refused(code: int, err: str, out: Path, pid: int) -> None:

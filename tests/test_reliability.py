@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import CHEAP, NARROW, RESUMABLE, narrow_rtn_artifact
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from interrupt import signal_after_first_block
@@ -34,22 +35,12 @@ from lrdeploy.exporters.gguf import export_gguf
 from lrdeploy.exporters.onnx import export_onnx
 from lrdeploy.runtime.inspect import inspect_path
 
-CHEAP = ["--method", "rtn", "--q-format", "q8_0", "--calib-tokens", "256", "--seq-len", "64", "--device", "cpu",
-         "-q"]
-RESUMABLE = ["--method", "ldlq", "--q-format", "q8_0", "--calib-range", "0:0.02", "--calib-tokens", "512", "--seq-len",
-             "64", "--device", "cpu", "-q"]
-NARROW = {"hidden": 64, "ffn": 128, "heads": 2, "kv_heads": 1}  # small enough for ldlq to take seconds on 2 cores
-
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dict[str, Path]:
     """One block, hidden 64 (q8_0 fits, K-quants don't): a model, its rtn artifact, and GGUF and ONNX exports."""
-    from random_model import make_random_model
-
     root = tmp_path_factory.mktemp("rel")
-    model = make_random_model(root / "model", layers=1, **NARROW)
-    opts = CompressOptions(method="rtn", q_format="q8_0", calib_tokens=256, seq_len=64, device="cpu")
-    compress(open_source(str(model)), opts, root / "art")
+    model, _ = narrow_rtn_artifact(root, layers=1)
     export_gguf(str(root / "art"), root / "gguf")
     export_onnx(str(root / "art"), root / "onnx")
     return {"model": model, "art": root / "art", "gguf": root / "gguf", "onnx": root / "onnx"}
