@@ -30,18 +30,22 @@ def hessian_factor(H: Tensor, damp: float = 0.01) -> HessianFactor:
     """Damp H by damp·mean(diag H) (dead inputs get a unit diagonal) and factor it, in float32.
 
     float32 keeps 11008-wide layers fast on CPU; if rounding leaves H not positive definite the damping grows
-    tenfold until it is.
+    tenfold until it is. Memory is the point on wide layers (an 8960-wide H is 321 MB): the damping is added to
+    one copy's diagonal in place, and H⁻¹ lives only until its Cholesky factor exists.
     """
-    H = H.float().clone()
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean = torch.diagonal(H).mean()
+    Hd = H.float().clone()
+    diag = torch.diagonal(Hd)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    base = diag.clone()
+    mean = base.mean()
     for _ in range(6):
-        Hd = H + damp * mean * eye
+        diag.copy_(base + damp * mean)
         S, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(S), upper=True)
+            Hinv = torch.cholesky_inverse(S)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
                 return HessianFactor(Hd, S, U)
         damp = max(damp * 10, 1e-6)

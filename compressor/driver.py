@@ -25,7 +25,7 @@ from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
 from lrdeploy.compressor import embeddings as emb
-from lrdeploy.compressor import grids
+from lrdeploy.compressor import grids, recipe, rotate
 from lrdeploy.compressor.model import (
     LINEAR_GROUPS,
     LINEARS,
@@ -83,6 +83,9 @@ class CompressOptions:
     allocation: str = "uniform"  # uniform | bottom | top | error: how ranks meet the target
     embed_type: str | None = None  # token embedding format: None/source (as stored) | f16 | a grid
     output_type: str | None = None  # lm_head format, likewise; a format other than the embedding's unties them
+    preset: str = "auto"  # whole-file mix (compressor/recipe.py); the run records the mix it resolved to
+    rotate: str = "none"  # none | residual | residual+head: randomized Hadamard folded into the weights (rotate.py)
+    rotate_seed: int = 0
 
     @property
     def targeted(self) -> bool:
@@ -117,9 +120,10 @@ class CompressOptions:
             if fmt not in grids.GRIDS:
                 raise LrdError(f"unknown format '{fmt}' in --tensor-type {pattern}={fmt}; "
                                f"choose one of {', '.join(grids.GRIDS)}")
+        recipe.check(o.preset)
+        rotate.check_kind(o.rotate)
         emb.check_format(o.embed_type, "--embed-type")
         emb.check_format(o.output_type, "--output-type")
-        o.embed_type, o.output_type = (None if t == emb.SOURCE else t for t in (o.embed_type, o.output_type))
         if o.target not in TARGETS:
             raise LrdError(f"unknown target '{o.target}'; choose one of {', '.join(TARGETS)}")
         if o.inputs not in INPUTS:
@@ -147,6 +151,11 @@ class CompressOptions:
         for key in ("embed_type", "output_type"):  # unset: the options of runs from before these existed
             if d[key] is None:
                 d.pop(key)
+        if d["preset"] in ("auto", "source"):  # what every run before presets did
+            d.pop("preset")
+        if d["rotate"] == "none":  # likewise before rotations
+            d.pop("rotate")
+            d.pop("rotate_seed")
         return d
 
 
@@ -301,6 +310,23 @@ def collect_h(block: nn.Module, names: tuple[str, ...], x: torch.Tensor, ctx: di
     return {name: c.H for name, c in collectors.items()}
 
 
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch freed back to the OS (glibc only; elsewhere nothing to do).
+
+    glibc keeps freed chunks below its mmap threshold (which grows to 32 MB as big tensors come and go) in the
+    heap. On a 1.5B model the activations and H of one block leave ~0.6 GB there per block, which the next block's
+    largest factorisation would stack on; trimming before each group kept the peak flat.
+    """
+    if platform.system() != "Linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc: it returns freed memory on its own
+        pass
+
+
 def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterator[torch.Tensor]:
     """H of each LINEAR_GROUPS entry in turn, from the block's own forward as its linears get compressed.
 
@@ -314,12 +340,18 @@ def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterat
         attn_in = [collect_input(block.self_attn, "o_proj", block.input_layernorm(x[i : i + batch]), ctx)
                    for i in parts]
         yield _h_of(attn_in)
-        h1 = [x[i : i + batch] + block.self_attn.o_proj(a) for i, a in zip(parts, attn_in, strict=True)]
-        del attn_in
-        g = [block.post_attention_layernorm(h) for h in h1]
+        g = [block.post_attention_layernorm(x[i : i + batch] + block.self_attn.o_proj(a))
+             for i, a in zip(parts, _drain(attn_in), strict=True)]
         yield _h_of(g)
-        mlp = block.mlp
-        yield _h_of(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t) for t in g)
+        mlp = block.mlp  # each chunk is dropped once used: down_proj's H is factored with no activations left
+        yield _h_of(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t) for t in _drain(g))
+
+
+def _drain(items: list) -> Iterator:
+    """The items of a list, front to back, each removed as it is handed out (so it is freed once used)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _h_of(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -414,6 +446,10 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     device = o.torch_device()
     t_start = time.perf_counter()
     config = source.config
+    o = recipe.apply(o, config.hidden_size)
+    if o.rotate != "none":  # every tensor the run reads comes out rotated; the norms it folds read as ones
+        source = rotate.RotatedSource(source, o.rotate, o.rotate_seed)
+        config = source.config
     model = skeleton(config)
     n_layers = config.num_hidden_layers
     model_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as Lillama counts
@@ -489,6 +525,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
                                         dctx, steps, i)
                 state.setdefault("distill", []).append(report)
             _save_shard(shard, tensors, teacher, prefix)
+            del tensors, parts  # block i's damped H (321 MB for an 8960-wide down_proj) must not meet block i+1's
             state["linears"].update(records)
             state["layers_done"] = i + 1
             state["seconds"] += time.perf_counter() - t0
@@ -598,8 +635,8 @@ def _compress_block(
     else:  # student inputs: each H sees the already-compressed linears before it
         h_stages = staged_h(student, student_x, ctx, o.batch_size)
     for group in LINEAR_GROUPS:
-        H = next(h_stages)
-        fac = dec.hessian_factor(H, o.damp)
+        release_freed_memory()
+        fac = dec.hessian_factor(next(h_stages), o.damp)  # H itself is not kept: fac.H is its damped copy
         stages["h_collection"] = stages.get("h_collection", 0.0) + time.perf_counter() - t_h
         for name in group:
             full = prefix + name
@@ -888,7 +925,8 @@ def _vocab_records(source: ModelSource, tmp: Path, state: dict) -> dict:
 
     if "tensors" not in state:  # a run started before these existed
         return {}
-    untied = bool(source.config.tie_word_embeddings) and not AutoConfig.from_pretrained(str(tmp)).tie_word_embeddings
+    tied = getattr(source, "source_config", source.config).tie_word_embeddings  # a rotated source's original config
+    untied = bool(tied) and not AutoConfig.from_pretrained(str(tmp)).tie_word_embeddings
     return {"tensors": state["tensors"], **({"untied": True} if untied else {})}
 
 

@@ -60,6 +60,13 @@ def compress(
                                           "e.g. down_proj=q3_k (substring of the linear's name; repeatable)."),
     tensor_rank: list[str] = typer.Option([], "--tensor-rank", help="Per-tensor rank override NAME=N, e.g. "
                                           "self_attn=0 for L·R only in the MLP (substring; repeatable)."),
+    rotate: str = typer.Option("none", help="Fold a seeded randomized Hadamard rotation into the weights before "
+                               "H is collected: none | residual (the residual stream; norms become ones, a tied head "
+                               "is untied) | residual+head (also each attention head's value space)."),
+    rotate_seed: int = typer.Option(0, help="Seed of --rotate's random signs."),
+    preset: str = typer.Option("auto", help="Whole-file mix of embedding, output and small-linear formats: auto (q2 or "
+                               "q3 by --q-format where rows hold 256-weight super-blocks, else source) | q2 (q2_k "
+                               "embedding, q4_k output, q4_k k/v_proj) | q3 (q3_k embedding, else as q2) | source."),
     embed_type: str | None = typer.Option(None, "--embed-type", help="Format of the token embedding: source (as the "
                                           "source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | q2_k."),
     output_type: str | None = typer.Option(None, "--output-type", help="Format of the output matrix (lm_head): "
@@ -97,7 +104,7 @@ def compress(
         calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
         device=device, inputs=inputs, target=target, whiten=not no_whiten, allow_fallback=not no_fallback,
         tensor_types=_pairs(tensor_type, "--tensor-type"), tensor_ranks=_int_pairs(tensor_rank, "--tensor-rank"),
-        embed_type=embed_type, output_type=output_type,
+        embed_type=embed_type, output_type=output_type, preset=preset, rotate=rotate, rotate_seed=rotate_seed,
         refine=refine, distill_inputs=distill_inputs,
         distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
         target_params=target_params, target_bpw=target_bpw, allocation=allocation,
@@ -175,6 +182,11 @@ def _print_summary(manifest: dict) -> None:
            f"{s.get('output_bytes', 0):,} bytes), " if "whole_bpw" in s else "")
         + f"compress time {manifest['timings']['compress_seconds']:.1f} s"
     )
+    o = manifest.get("options", {})
+    mix = [f"preset {o['preset']}"] if "preset" in o else []
+    mix += [f"rotation {o['rotate']} (seed {o['rotate_seed']})"] if "rotate" in o else []
+    if mix:
+        out.print(", ".join(mix))
 
 
 BACKENDS = ("torch", "llamacpp", "onnxruntime")

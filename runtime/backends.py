@@ -89,8 +89,11 @@ def open_backend(source: str, backend: str, device: str = "auto", lora: Path | N
         src = open_source(source)
         return TorchBackend(load_full(src.config, src.tensor, dev), src.tokenizer(), dev)
     if backend == "llamacpp":
+        from lrdeploy.compressor.named import NAMES, named_path
         from lrdeploy.runtime.llamacpp import open_llamacpp
 
+        if source in NAMES:  # a named model is a GGUF file: run that file, as llama.cpp users would
+            source = str(named_path(source))
         return open_llamacpp(Path(source), lora=lora or adapter_beside(source), n_ctx=n_ctx, device=device)
     if backend == "onnxruntime":
         from lrdeploy.runtime.onnxrt import open_onnxruntime

@@ -146,6 +146,17 @@ def test_gguf_file_on_llamacpp_gets_the_adapter_beside_it(tmp_path, monkeypatch)
     assert adapter_beside(adapter) is None and adapter_beside(tmp_path) is None
 
 
+def test_named_model_on_llamacpp_opens_its_gguf(tmp_path, monkeypatch):
+    """`lrdeploy eval smollm2 --backend llamacpp` runs the GGUF file the name stands for (a file, not a name)."""
+    from lrdeploy.compressor.sources import smollm2_path
+    from lrdeploy.runtime import llamacpp
+
+    got = []
+    monkeypatch.setattr(llamacpp, "open_llamacpp", lambda path, lora, **kw: got.append((path, lora)))
+    backends.open_backend("smollm2", "llamacpp")
+    assert got == [(smollm2_path(), None)]
+
+
 def test_gguf_on_torch_warns_about_the_adapter_beside_it(cli, tmp_path, opened):
     from lrdeploy.compressor.sources import smollm2_path
 

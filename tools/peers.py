@@ -219,27 +219,31 @@ def f32_gguf() -> Path:
     return out / "model.gguf"
 
 
-def imatrix(bins: dict[str, Path], model: Path, calib: Path, chunks: int, threads: int) -> Path:
+def imatrix(bins: dict[str, Path], model: Path, calib: Path, chunks: int, threads: int,
+            out: Path = WORK / "imatrix.gguf") -> Path:
     """An importance matrix over CHUNKS × 512 tokens of the calibration half (16,384 tokens = our compressor's)."""
-    out = WORK / "imatrix.gguf"
     if not out.is_file():
         t0 = time.perf_counter()
-        tmp = WORK / "imatrix.part.gguf"
+        tmp = out.with_name(out.stem + ".part.gguf")
         run([*NICE, bins["llama-imatrix"], "-m", model, "-f", calib, "-o", tmp, "-c", CTX, "-b", CTX,
-             "--chunks", chunks, "-t", threads, "--no-ppl"], WORK / "imatrix.log")
+             "--chunks", chunks, "-t", threads, "--no-ppl"], out.with_suffix(".log"))
         tmp.replace(out)
         STEPS.add("imatrix", t0)
     return out
 
 
-def quantize(bins: dict[str, Path], model: Path, imat: Path, preset: str, threads: int) -> Path:
-    """llama-quantize with the imatrix at PRESET; SmolLM2's 576-wide rows make it fall back per tensor."""
-    out = WORK / "gguf" / f"llama-quantize-{preset}.gguf"
+def quantize(bins: dict[str, Path], model: Path, imat: Path, preset: str, threads: int,
+             folder: Path = WORK / "gguf", requantize: bool = False) -> Path:
+    """llama-quantize with the imatrix at PRESET; SmolLM2's 576-wide rows make it fall back per tensor.
+
+    REQUANTIZE: the source is itself quantized (a Q4_K_M GGUF); llama-quantize decodes it to float first."""
+    out = folder / f"llama-quantize-{preset}.gguf"
     if not out.is_file():
         t0 = time.perf_counter()
         tmp = out.with_suffix(".part")
-        run([*NICE, bins["llama-quantize"], "--imatrix", imat, model, tmp, preset, threads],
-            WORK / "gguf" / f"llama-quantize-{preset}.log")
+        again = ["--allow-requantize"] if requantize else []
+        run([*NICE, bins["llama-quantize"], *again, "--imatrix", imat, model, tmp, preset, threads],
+            folder / f"llama-quantize-{preset}.log")
         tmp.replace(out)
         STEPS.add("llama-quantize", t0)
     return out
@@ -274,10 +278,10 @@ def our_gguf(label: str, art: Path) -> tuple[Path, Path]:
 
 
 def llama_perplexity(bins: dict[str, Path], model: Path, lora: Path | None, text: Path, chunks: int,
-                     threads: int) -> dict:
-    """llama-perplexity's own protocol: 512-token chunks, each scored on its second half; 'Final estimate' parsed."""
-    cmd = [*NICE, bins["llama-perplexity"], "-m", model, "-f", text, "-c", CTX, "-b", CTX, "--chunks", chunks,
-           "-t", threads]
+                     threads: int, ctx: int = CTX) -> dict:
+    """llama-perplexity's own protocol: CTX-token chunks, each scored on its second half; 'Final estimate' parsed."""
+    cmd = [*NICE, bins["llama-perplexity"], "-m", model, "-f", text, "-c", ctx, "-b", min(ctx, 2048), "--chunks",
+           chunks, "-t", threads]
     if lora is not None:
         cmd += ["--lora", lora]
     out = run(cmd)
@@ -287,29 +291,32 @@ def llama_perplexity(bins: dict[str, Path], model: Path, lora: Path | None, text
     value = line.split("PPL =", 1)[1].split()
     if lora is not None and "lora" not in out.lower():
         raise SystemExit(f"llama-perplexity did not mention the adapter {lora}")
-    return {"ppl": float(value[0]), "ppl_err": float(value[2]) if len(value) > 2 else None, "chunks": chunks}
+    return {"ppl": float(value[0]), "ppl_err": float(value[2]) if len(value) > 2 else None, "chunks": chunks,
+            "ctx": ctx}
 
 
-def llama_bench(bins: dict[str, Path], models: list[Path], threads: int, reps: int) -> dict[str, dict]:
+def llama_bench(bins: dict[str, Path], models: list[Path], threads: int, reps: int, n_gen: int = 128,
+                prompt: int = CTX) -> dict[str, dict]:
     """llama-bench pp512 and tg128 for MODELS, keyed by path: two invocations over all of them, the second in
     reverse order, so drift in the machine's speed falls on every file alike; medians of all samples. Single
     3-rep runs of one file at a time differed by 10-20% between two runs of the same file."""
     load = os.getloadavg()[0]
     samples: dict[tuple[str, str], list[float]] = {}
     for order in (models, models[::-1]):
-        cmd = [*NICE, bins["llama-bench"], "-p", CTX, "-n", 128, "-t", threads, "-r", reps, "-o", "json"]
+        cmd = [*NICE, bins["llama-bench"], "-p", prompt, "-n", n_gen, "-t", threads, "-r", reps, "-o", "json"]
         for m in order:
             cmd += ["-m", m]
         out = run(cmd, stdout_only=True)
         for t in json.loads(out[out.index("["): out.rindex("]") + 1]):
-            key = "pp512" if t["n_prompt"] == CTX and t["n_gen"] == 0 else "tg128" if t["n_gen"] == 128 else None
+            key = f"pp{prompt}" if t["n_prompt"] == prompt and t["n_gen"] == 0 else f"tg{n_gen}" if t[
+                "n_gen"] == n_gen else None
             if key:
                 samples.setdefault((str(Path(t["model_filename"]).resolve()), key), []).extend(
                     t.get("samples_ts") or [t["avg_ts"]])
     rows: dict[str, dict] = {}
     for m in models:
         row: dict = {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2), "reps": 2 * reps}
-        for key in ("pp512", "tg128"):
+        for key in (f"pp{prompt}", f"tg{n_gen}"):
             got = samples.get((str(Path(m).resolve()), key))
             if got:
                 row[key] = statistics.median(got)

@@ -1,0 +1,205 @@
+"""Incoherence processing that stock runtimes execute: a randomized Hadamard rotation folded into the weights.
+
+CALDERA and QuIP# multiply each weight by random Hadamard transforms on both sides before quantizing, and undo them
+at run time with kernels that llama.cpp and onnxruntime don't have. Most of the benefit needs no runtime op: the
+residual stream of a llama-family decoder is invariant under an orthogonal change of basis Q once every RMSNorm's
+weight g is folded into the linears that read it (the computational invariance of SliceGPT, QuaRot, SpinQuant).
+With column vectors and h' = Qᵀh, RMSNorm(h') = Qᵀ·RMSNorm(h)/g, so
+
+- the embedding's rows e become eQ (E → E·Q);
+- each linear that reads a norm's output (q, k, v after input_layernorm; gate, up after post_attention_layernorm;
+  the lm_head after the final norm) becomes W·diag(g)·Q, and that norm's weight becomes ones;
+- each linear that writes the residual (o_proj, down_proj) becomes Qᵀ·W, and its bias Qᵀ·b.
+
+`residual+head` also rotates each attention head's value space by one orthogonal Qh of head_dim: v_proj's rows per
+KV head become Qhᵀ·W_v (and its bias), o_proj's columns per query head W_o·Qh. Attention mixes tokens, not the
+channels within a head, so this is exact too (a GQA head's query heads all read the same rotated values).
+
+The rotated model is an ordinary model: its exports run in stock llama.cpp and onnxruntime. No rotation matrix is
+stored; the artifact records the kind and the seed. The lm_head reads the final norm, so it becomes W·diag(g)·Q while
+the embedding becomes E·Q: a tied model is untied (the head is stored on its own, and the manifest's output_bytes say
+what that costs).
+
+The matrix. Hadamard matrices exist only in orders 1, 2 and multiples of 4, and llama-family widths are not all
+powers of two (SmolLM2 576 = 12²·4, Qwen2.5-1.5B 1536 = 12·128). Q = (H_2^a ⊗ P12^b ⊗ R_m)·diag(s)/√n: Sylvester's
+H for the power of two, Paley's construction (q = 11) for each factor 12, a seeded Haar-random orthogonal R for an
+odd remainder m if one is left (896 = 7·128 gets a 7×7 one), and seeded random signs s. Every factor but R spreads
+each input over all outputs with equal weight, which is what flattens outliers; R keeps Q orthogonal at any width.
+Everything is computed in float64 and handed out as float32.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lrdeploy.errors import LrdError
+
+KINDS = ("none", "residual", "residual+head")
+EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITES = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise LrdError(f"unknown --rotate '{kind}'; choose one of {', '.join(KINDS)}")
+
+
+def paley12() -> torch.Tensor:
+    """The 12×12 Hadamard matrix of Paley's first construction with q = 11 (q ≡ 3 mod 4)."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = [0] + [1 if i in residues else -1 for i in range(1, q)]
+    jac = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+    return torch.eye(q + 1, dtype=torch.float64) + s
+
+
+def factors(n: int) -> tuple[int, int, int]:
+    """n = 2^a · 12^b · m with m odd: as many 12s as the threes and twos allow, then the rest of the twos."""
+    if n < 1:
+        raise LrdError(f"cannot rotate a width of {n}")
+    a = (n & -n).bit_length() - 1
+    m, b = n >> a, 0
+    while m % 3 == 0 and a >= 2:
+        m, a, b = m // 3, a - 2, b + 1
+    return a, b, m
+
+
+def orthogonal(n: int, seed: int) -> torch.Tensor:
+    """The randomized Hadamard rotation of width N for SEED (see the module docstring), float64, orthogonal."""
+    a, b, m = factors(n)
+    g = torch.Generator().manual_seed(seed)
+    mat = torch.ones(1, 1, dtype=torch.float64)
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    for _ in range(a):
+        mat = torch.kron(mat, h2)
+    for _ in range(b):
+        mat = torch.kron(mat, paley12())
+    mat = mat / mat.shape[0] ** 0.5
+    if m > 1:
+        z = torch.randn(m, m, generator=g, dtype=torch.float64)
+        qr, r = torch.linalg.qr(z)
+        mat = torch.kron(mat, (qr * torch.sign(torch.diagonal(r))).contiguous())  # Haar: QR leaves signs free
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+    return mat * signs  # Q·diag(s): column j scaled by s_j
+
+
+@dataclass(frozen=True)
+class Rotation:
+    kind: str
+    seed: int
+    Q: torch.Tensor  # hidden × hidden
+    Qh: torch.Tensor | None  # head_dim × head_dim (residual+head)
+
+    @classmethod
+    def make(cls, kind: str, seed: int, config) -> Rotation:
+        check_kind(kind)
+        hidden = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        Qh = orthogonal(head_dim, seed + 1) if kind == "residual+head" else None
+        return cls(kind, seed, orthogonal(hidden, seed), Qh)
+
+
+class RotatedSource:
+    """A model source whose tensors come out rotated (see the module docstring); everything else is BASE's."""
+
+    def __init__(self, base, kind: str, seed: int) -> None:
+        self.base = base
+        self.rotation = Rotation.make(kind, seed, base.config)
+        self.source_config = base.config
+        self.config = copy.deepcopy(base.config)
+        self.config.tie_word_embeddings = False  # the head carries the final norm, the embedding does not
+        self._norms: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str):  # spec, kind, path, n_layers, arch, tokenizer, digest, ...
+        return getattr(self.base, name)
+
+    def names(self) -> list[str]:
+        names = self.base.names()
+        return names if HEAD in names else [*names, HEAD]
+
+    def has(self, name: str) -> bool:
+        return name == HEAD or self.base.has(name)
+
+    def save_meta(self, out: Path) -> None:
+        self.config.save_pretrained(str(out))
+        self.base.tokenizer().save_pretrained(str(out))
+
+    def _norm(self, name: str) -> torch.Tensor:
+        if name not in self._norms:
+            self._norms[name] = self.base.tensor(name).double()
+        return self._norms[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._rotate(name, lambda n: self.base.tensor(n)).float()
+
+    def stored(self, name: str) -> torch.Tensor:
+        """As the source would store it, rotated: float tensors keep the source's float type (float32 for a GGUF)."""
+        w = self.base.stored(name if name != HEAD or self.base.has(HEAD) else EMBED)
+        return self.tensor(name).to(w.dtype if w.is_floating_point() else torch.float32)
+
+    def native(self, name: str) -> tuple[str | None, torch.Tensor]:
+        """Rotated values lie on no ggml grid: `source` means float16 for them."""
+        return None, self.tensor(name).half()
+
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        picked = self.base.rows(name, index)
+        return self._apply(name, picked.reshape(-1, picked.shape[-1])).reshape(picked.shape).float()
+
+    def row_chunks(self, name: str, rows: int):
+        src = name if name != HEAD or self.base.has(HEAD) else EMBED
+        for chunk in self.base.row_chunks(src, rows):
+            yield self._apply(name, chunk).float()
+
+    def _rotate(self, name: str, get) -> torch.Tensor:
+        if name.endswith("norm.weight") and self._folded(name):
+            return torch.ones_like(self.base.tensor(name))
+        if name == HEAD and not self.base.has(HEAD):
+            return self._apply(HEAD, get(EMBED))
+        return self._apply(name, get(name))
+
+    @staticmethod
+    def _folded(name: str) -> bool:
+        return name == FINAL_NORM or name.rsplit(".", 2)[-2] in READS
+
+    def _apply(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """NAME's tensor W (float, any float type) rotated, in float64."""
+        Q, Qh = self.rotation.Q, self.rotation.Qh
+        w = w.double()
+        if name == EMBED:
+            return w @ Q
+        if name == HEAD:
+            return (w * self._norm(FINAL_NORM)) @ Q
+        if not name.startswith("model.layers."):
+            return w
+        prefix, rest = name.split(".", 3)[:3], name.split(".", 3)[3]
+        layer = ".".join(prefix) + "."
+        module, kind = rest.rsplit(".", 1)
+        for norm, readers in READS.items():
+            if module in readers and kind == "weight":
+                w = (w * self._norm(layer + norm + ".weight")) @ Q
+        if Qh is not None and module == "self_attn.v_proj":
+            w = _per_head(w, Qh.T, rows=True)
+        if module in WRITES:
+            if Qh is not None and module == "self_attn.o_proj" and kind == "weight":
+                w = _per_head(w, Qh, rows=False)
+            w = Q.T @ w
+        return w
+
+
+def _per_head(w: torch.Tensor, Qh: torch.Tensor, rows: bool) -> torch.Tensor:
+    """Qh applied per head: to each head's block of rows (Qh·W_block) or of columns (W_block·Qh); a bias is a row."""
+    d = Qh.shape[0]
+    if rows:
+        shape = w.shape
+        blocks = w.reshape(shape[0] // d, d, -1)
+        return (Qh @ blocks).reshape(shape)
+    out, cols = w.shape
+    return (w.reshape(out, cols // d, d) @ Qh).reshape(out, cols)

