@@ -209,14 +209,27 @@ def lplr(A: Tensor, fac: HessianFactor, rank: int, lr_format: str, iters: int) -
     for _ in range(max(1, iters)):
         HR = Rq.values @ fac.H
         G = HR @ Rq.values.T
-        G += 1e-6 * torch.trace(G) / rank * eye
-        Lq = quantize_factor(torch.linalg.solve(G, HR @ A.T).T, lr_format, torch.diagonal(G))
+        Lq = quantize_factor(solve_gram(G, HR @ A.T, eye).T, lr_format, torch.diagonal(G))
         best, best_err = _keep_best(best, best_err, LowRank(Lq, Rq), AS, fac.S)
-        LtL = Lq.values.T @ Lq.values
-        LtL += 1e-6 * torch.trace(LtL) / rank * eye
-        Rq = quantize_factor(torch.linalg.solve(LtL, Lq.values.T @ A), lr_format, diag_h)
+        Rq = quantize_factor(solve_gram(Lq.values.T @ Lq.values, Lq.values.T @ A, eye), lr_format, diag_h)
         best, best_err = _keep_best(best, best_err, LowRank(Lq, Rq), AS, fac.S)
-    return best
+    return best if best is not None else LowRank(quantize_factor(L0, lr_format), quantize_factor(R0, lr_format))
+
+
+def solve_gram(G: Tensor, B: Tensor, eye: Tensor) -> Tensor:
+    """X with (G + δI)·X = B for a Gram matrix G (r×r), δ = 1e-6·mean(diag G).
+
+    A factor rounded to its grid can lose whole rows (a q4_0 row of tiny values becomes zeros), and on Qwen2.5's
+    wide-range layers G was then singular even after the damping: such a G falls back to least squares
+    through the pseudo-inverse: the minimum-norm solution, zeros for the lost directions.
+    """
+    G = G + 1e-6 * torch.trace(G) / G.shape[0] * eye
+    X, info = torch.linalg.solve_ex(G, B)
+    if int(info) == 0 and bool(torch.isfinite(X).all()):
+        return X
+    G = torch.nan_to_num(G.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    X = torch.linalg.pinv(G, hermitian=True) @ torch.nan_to_num(B.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    return X.float()
 
 
 def _keep_best(best: LowRank | None, best_err: float, cand: LowRank, AS: Tensor, S: Tensor) -> tuple[LowRank, float]:

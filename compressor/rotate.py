@@ -146,7 +146,10 @@ class RotatedSource:
         return self.tensor(name).to(w.dtype if w.is_floating_point() else torch.float32)
 
     def native(self, name: str) -> tuple[str | None, torch.Tensor]:
-        """Rotated values lie on no ggml grid: `source` means float16 for them."""
+        """Rotated values lie on no ggml grid: `source` means float16 for them (built chunk by chunk: a 151,936-row
+        vocabulary in float64 would be 1.9 GB)."""
+        if name in (EMBED, HEAD):
+            return None, torch.cat([c.half() for c in self.row_chunks(name, 4096)])
         return None, self.tensor(name).half()
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from interrupt import signal_after_first_block
 
 from lrdeploy.artifact import QLRLinear, load_artifact, read_manifest
 from lrdeploy.compressor import grids
-from lrdeploy.compressor.driver import CompressOptions, compress
+from lrdeploy.compressor.driver import LINEARS, CompressOptions, compress
 from lrdeploy.compressor.sources import open_source
 
 FAST = ["--calib-tokens", "2048", "--seq-len", "128", "--iters", "2", "--lplr-iters", "1", "-q"]
@@ -29,12 +29,17 @@ def test_compress_caldera_artifact_roundtrip(tiny_llama, calib_text, tmp_path, c
     assert len(m["linears"]) == 2 * 7
     e = m["linears"]["model.layers.0.mlp.down_proj"]
     assert e["q_format"] == "q2_k" and e["rank"] == 32 and e["lr_format"] == "q4_0" and e["fallback"] is None
-    # bpw is recomputed from the stored bytes: Q (q2_k) + L, R (q4_0), scales included
+    # the default preset on a 256-wide model is q2: k_proj and v_proj one grid up (q4_k), the rest q2_k
+    assert m["options"]["preset"] == "q2"
+    assert {k: v["q_format"] for k, v in m["linears"].items() if "layers.0." in k} == {
+        f"model.layers.0.{n}": "q4_k" if n in ("self_attn.k_proj", "self_attn.v_proj") else "q2_k" for n in LINEARS}
+    # bpw is recomputed from the stored bytes: Q (q2_k: 84 bytes per 256, q4_k: 144) + L, R (q4_0), scales included
     params = sum(v["shape"][0] * v["shape"][1] for v in m["linears"].values())
     expected_bytes = 0
     for v in m["linears"].values():
         out_, in_ = v["shape"]
-        expected_bytes += out_ * in_ * 84 // 256 + (out_ * 32 + 32 * in_) * 18 // 32
+        q_bytes = out_ * in_ * (144 if v["q_format"] == "q4_k" else 84) // 256
+        expected_bytes += q_bytes + (out_ * 32 + 32 * in_) * 18 // 32
     assert m["summary"]["linear_bytes"] == expected_bytes
     assert summary["bpw"] == pytest.approx(8 * expected_bytes / params)
     assert all(0 <= v["error"] < 0.5 for v in m["linears"].values())

@@ -124,3 +124,19 @@ def test_top_svd_captures_the_top_energy(decay):
     got = float(((Ur * sr) @ Vhr - A).square().sum())
     assert got <= best * 1.01, (got, best)
     assert torch.equal(dec.top_svd(A, rank)[1], sr)  # seeded: a pure function of A
+
+
+def test_solve_gram_survives_lost_factor_rows():
+    """A factor rounded to its grid can lose whole rows; the Gram solve then falls back to least squares."""
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(4, 64, generator=g)
+    eye = torch.eye(4)
+    B = torch.randn(4, 3, generator=g)
+    G = F @ F.T
+    torch.testing.assert_close(dec.solve_gram(G, B, eye), torch.linalg.solve(G + 1e-6 * torch.trace(G) / 4 * eye, B))
+    assert torch.equal(dec.solve_gram(torch.zeros(4, 4), B, eye), torch.zeros(4, 3))  # nothing left: L = 0
+    F[2] = 0.0  # one lost row: its unknowns get the minimum-norm answer, the others still solve the system
+    G = F @ F.T
+    G[2, 2] = float("nan")
+    X = dec.solve_gram(G, B, eye)
+    assert torch.isfinite(X).all()

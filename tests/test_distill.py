@@ -199,7 +199,7 @@ def test_caldera_distill_with_bpw_target(calib_text, tmp_path, cli):
     out = tmp_path / "c"
     code, _, err = cli("compress", one_block, "-o", out, "--method", "caldera", "--target-bpw", "4.5",
                        "--refine", "distill", "--distill-steps", "3", "--distill-inputs", "student", "--iters", "1",
-                       "--lplr-iters", "1", "--calib", calib_text, *FAST)
+                       "--lplr-iters", "1", "--preset", "source", "--calib", calib_text, *FAST)
     assert code == 0, err
     m = read_manifest(out)
     assert 4.0 < m["allocation"]["bpw"] <= 4.5 and m["summary"]["bpw"] == pytest.approx(m["allocation"]["bpw"])

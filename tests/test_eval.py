@@ -72,7 +72,7 @@ def test_eval_json_model_and_artifact(tiny_llama, calib_text, tmp_path, cli):
     assert row["ppl"] > 1000  # random weights: near-uniform over 49k tokens
     art = tmp_path / "a"
     code, _, err = cli("compress", tiny_llama, "-o", art, "--calib", calib_text, "--calib-tokens", "1024",
-                       "--seq-len", "128", "--method", "ldlq", "-q")
+                       "--seq-len", "128", "--method", "ldlq", "--preset", "source", "-q")
     assert code == 0, err
     code, stdout, _ = cli("eval", art, "--text", calib_text, "--ctx", "128", "--windows", "2", "--json")
     assert code == 0 and json.loads(stdout)["bpw"] == pytest.approx(2.625)

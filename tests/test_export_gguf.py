@@ -94,7 +94,7 @@ def tiny_export(tiny_llama, calib_text, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"{q_format}-{lr_format}")
             opts = CompressOptions(method="caldera", q_format=q_format, rank=32, lr_format=lr_format,
                                    calib=calib_text, calib_range="0:0.1", calib_tokens=1024, seq_len=128, iters=1,
-                                   lplr_iters=1, device="cpu")
+                                   lplr_iters=1, device="cpu", preset="source")  # one Q format everywhere
             compress(open_source(str(tiny_llama)), opts, root / "art")
             export_gguf(str(root / "art"), root / "gguf")
             _ARTIFACTS[key] = (root / "art", root / "gguf")
