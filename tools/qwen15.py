@@ -251,7 +251,7 @@ def goals(rows: list[dict], lq: list[tuple[int, float]], weights: int) -> list[s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--chunks", type=int, default=4, help=f"llama-perplexity chunks of {CTX} tokens")
+    p.add_argument("--chunks", type=int, default=3, help=f"llama-perplexity chunks of {CTX} tokens")
     p.add_argument("--imatrix-chunks", type=int, default=32, help="32 × 512 = lrdeploy's default 16,384 tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
@@ -259,6 +259,8 @@ def main() -> None:
     p.add_argument("--n-gen", type=int, default=64, help="tokens llama-bench decodes per run")
     p.add_argument("--lora-runs", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=None, help="slugs of our points to compress (default: all)")
+    p.add_argument("--presets", nargs="*", default=list(PRESETS), choices=PRESETS,
+                   help="llama-quantize presets to make and measure (default: all)")
     p.add_argument("--skip-bench", action="store_true", help="no speed runs (what is cached is still reported)")
     p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
     a = p.parse_args()
@@ -273,7 +275,7 @@ def main() -> None:
     todo: list[dict] = []
     if live:
         imat = peers.imatrix(bins, src, calib, a.imatrix_chunks, a.threads, out=WORK / "imatrix.gguf")
-    for preset in PRESETS:
+    for preset in a.presets:
         if live:
             peers.quantize(bins, src, imat, preset, a.threads, folder=WORK / "gguf", requantize=True)
         todo.append({"short": f"llama-quantize {preset}", "method": f"llama-quantize {preset} --imatrix",
