@@ -10,6 +10,7 @@ renamed to OUT. Throughout, OUT.lock holds the run's pid: a second run on the sa
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import shutil
 import time
@@ -317,14 +318,22 @@ def release_freed_memory() -> None:
     heap. On a 1.5B model the activations and H of one block leave ~0.6 GB there per block, which the next block's
     largest factorisation would stack on; trimming before each group kept the peak flat.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, loaded once; None off Linux or on another libc (which returns freed memory itself)."""
     if platform.system() != "Linux":
-        return
+        return None
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # musl or another libc: it returns freed memory on its own
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterator[torch.Tensor]:

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
+from lrdeploy.compressor.embeddings import CHUNK_ROWS, EMBED, HEAD
 from lrdeploy.errors import LrdError
 
 KINDS = ("none", "residual", "residual+head")
-EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+FINAL_NORM = "model.norm.weight"
 READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 WRITES = ("self_attn.o_proj", "mlp.down_proj")
@@ -149,7 +150,7 @@ class RotatedSource:
         """Rotated values lie on no ggml grid: `source` means float16 for them (built chunk by chunk: a 151,936-row
         vocabulary in float64 would be 1.9 GB)."""
         if name in (EMBED, HEAD):
-            return None, torch.cat([c.half() for c in self.row_chunks(name, 4096)])
+            return None, torch.cat([c.half() for c in self.row_chunks(name, CHUNK_ROWS)])
         return None, self.tensor(name).half()
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
