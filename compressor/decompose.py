@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lrdeploy.compressor import grids
+from lrdeploy.compressor import grids, lattice
 from lrdeploy.compressor.grids import Grid
 
 LR_FORMATS = ("f16", "q8_0", "q4_0")
@@ -121,18 +121,22 @@ def cast_f16(W: Tensor) -> Quantized:
     return Quantized(W.half().float(), None, "f16")
 
 
-def rtn(W: Tensor, grid: Grid, importance: Tensor | None = None) -> Quantized:
+def rtn(W: Tensor, grid: Grid | lattice.Lattice, importance: Tensor | None = None) -> Quantized:
     """Round to nearest with importance-weighted scale search: the baseline LDLQ must beat."""
     values, raw = grids.quantize_rtn(grid, W.float(), importance)
     return Quantized(values, raw, grid.name)
 
 
-def ldlq(W: Tensor, fac: HessianFactor, grid: Grid, lazy: int = 128) -> Quantized:
+def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int = 128) -> Quantized:
     """LDLQ / GPTQ: round one column at a time and feed its error forward through chol(H⁻¹).
 
     Block scales are chosen when the block's first column is reached, from the error-updated weights; the
-    super-block scales (d, dmin) come from the weights before rounding.
+    super-block scales (d, dmin) come from the weights before rounding. The i-quants take block LDLQ
+    (`lattice.ldlq`): a codeword spans 8 columns, so 8 are rounded at once and their error fed forward together.
     """
+    if isinstance(grid, lattice.Lattice):
+        values, raw = lattice.ldlq(W, fac.H, fac.U, grid, lazy)
+        return Quantized(values, raw, grid.name)
     W = W.float().clone()
     out, n = W.shape
     B, SB = grid.block, grid.super_block
@@ -257,7 +261,7 @@ class Decomposition:
 
 
 def caldera(
-    W: Tensor, fac: HessianFactor, grid: Grid, rank: int, lr_format: str, iters: int, lplr_iters: int
+    W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, rank: int, lr_format: str, iters: int, lplr_iters: int
 ) -> Decomposition:
     """CALDERA: from L·R = 0 alternate Q ← LDLQ(W − L·R) and (L, R) ← LPLR(W − Q); keep the best iterate."""
     W = W.float()

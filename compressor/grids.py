@@ -25,6 +25,13 @@ import gguf
 import torch
 from torch import Tensor
 
+from lrdeploy.compressor import lattice
+from lrdeploy.compressor.fp16 import bytes_half as _bytes_half
+from lrdeploy.compressor.fp16 import fp16_bits as _fp16_bits
+from lrdeploy.compressor.fp16 import fp16_neighbours as _fp16_neighbours
+from lrdeploy.compressor.fp16 import half_bytes as _half_bytes
+from lrdeploy.compressor.fp16 import round_fp16 as _fp16
+
 __all__ = [
     "GRIDS",
     "BlockFit",
@@ -47,7 +54,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Grid:
+class Grid(lattice.Sizes):
     """Static description of one ggml block format; fields mirror ggml's own constants."""
 
     name: str
@@ -57,16 +64,6 @@ class Grid:
     qmax: int
     zero: int
     ggml_type: gguf.GGMLQuantizationType
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight including all scales, as the file size will show."""
-        return 8.0 * self.type_size / self.super_block
-
-    @property
-    def has_super(self) -> bool:
-        """K-quants share an fp16 d/dmin over a 256-weight super-block; q4_0/q8_0 store d per block."""
-        return self.super_block != self.block
 
     @property
     def affine(self) -> bool:
@@ -81,6 +78,8 @@ GRIDS: dict[str, Grid] = {
     "q4_0": Grid("q4_0", 32, 32, 18, 15, 8, gguf.GGMLQuantizationType.Q4_0),
     "q8_0": Grid("q8_0", 32, 32, 34, 254, 127, gguf.GGMLQuantizationType.Q8_0),
 }
+# llama.cpp's i-quants (codebooks and non-uniform levels) live in lattice.py; the functions here dispatch to it
+GRIDS.update(lattice.LATTICES)
 
 
 @dataclass(frozen=True)
@@ -111,9 +110,6 @@ _SEARCH = MappingProxyType(
     }
 )
 
-_FP16_MAX = 65504.0
-
-
 @dataclass(frozen=True)
 class BlockFit:
     """Chosen quantizer of m blocks: float32 scale/offset exactly as ggml computes them, and what to pack."""
@@ -136,7 +132,7 @@ class _Real:
     ref: Tensor  # [m] q4_0/q8_0: the reference quantizer's d (always tried), else unused
 
 
-def get_grid(name: str) -> Grid:
+def get_grid(name: str) -> Grid | lattice.Lattice:
     """Look a format up by name, failing with the list of valid names."""
     grid = GRIDS.get(name.lower())
     if grid is None:
@@ -144,8 +140,11 @@ def get_grid(name: str) -> Grid:
     return grid
 
 
-def fits(grid: Grid, shape: tuple[int, ...] | torch.Size, per_row: bool) -> str | None:
-    """None if a matrix of `shape` can use `grid`; otherwise a short reason. per_row demands ggml's row layout."""
+def fits(grid: Grid | lattice.Lattice, shape: tuple[int, ...] | torch.Size, per_row: bool) -> str | None:
+    """None if a matrix of `shape` can use `grid`; otherwise a short reason. per_row demands ggml's row layout
+    (which i-quants always demand)."""
+    if isinstance(grid, lattice.Lattice):
+        return lattice.fits(grid, shape)
     if len(shape) != 2:
         return f"expected a 2-D weight, got shape {tuple(shape)}"
     out, in_ = int(shape[0]), int(shape[1])
@@ -214,11 +213,6 @@ def dequant(grid: Grid, codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
 # fitting
 
 
-def _fp16(t: Tensor) -> Tensor:
-    """Round to the nearest fp16 (kept as float32), the precision ggml stores d/dmin in."""
-    return t.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32)
-
-
 def _weights(importance: Tensor | None, w: Tensor) -> Tensor | None:
     if importance is None:
         return None
@@ -278,23 +272,11 @@ def _real_symmetric(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     wmax = w.gather(-1, idx).squeeze(-1)
     amax = wmax.abs()
     zeros = torch.zeros_like(wmax)
-    best_a = zeros
-    best_e = torch.zeros_like(wmax)  # a = 0 has error sum x*w^2, i.e. 0 relative to it
-    best_h = zeros
+    best = lattice.BestScale.start(wmax)
     for step in _SEARCH[grid.name].steps:
         a = (wmax / step).unsqueeze(-1)
         safe = torch.where(a == 0, math.inf, a)
-        q = torch.round(w / safe).clamp_(lo, hi)
-        xq = q if x is None else x * q
-        sqq = (xq * q).sum(-1)
-        sqw = (xq * w).sum(-1)
-        has = sqq > 0
-        a_ls = torch.where(has, sqw / torch.where(has, sqq, 1.0), 0.0)
-        e = -a_ls * sqw
-        take = has & (e < best_e)
-        best_e = torch.where(take, e, best_e)
-        best_a = torch.where(take, a_ls, best_a)
-        best_h = torch.where(take, sqq, best_h)
+        best.offer(w, torch.round(w / safe).clamp_(lo, hi), x)
     if grid.name == "q4_0":
         ref = wmax / -8.0  # ggml's quantize_row_q4_0_ref
     elif grid.name == "q8_0":
@@ -302,7 +284,7 @@ def _real_symmetric(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     else:
         ref = zeros
     sx = torch.full_like(wmax, w.shape[-1]) if x is None else x.sum(-1)
-    return _Real(best_a, zeros, best_h, sx, zeros, zeros, ref)
+    return _Real(best.a, zeros, best.h, sx, zeros, zeros, ref)
 
 
 def _real_fit(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
@@ -357,20 +339,6 @@ def _error(grid: Grid, w: Tensor, x: Tensor | None, scale: Tensor, offset: Tenso
     num = w + offset.unsqueeze(-1) if grid.affine else w
     r = torch.div(num, torch.where(s == 0, math.inf, s)).round_().clamp_(lo, hi).mul_(s).sub_(num).square_()
     return (r if x is None else r.mul_(x)).sum(-1)
-
-
-def _fp16_bits(t: Tensor) -> Tensor:
-    return t.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
-
-
-def _fp16_neighbours(t: Tensor) -> list[Tensor]:
-    """The fp16 values just below and above t (t already fp16-exact); non-finite results fall back to t."""
-    bits = t.to(torch.float16).view(torch.int16)
-    out = []
-    for delta in (-1, 1):
-        nb = (bits.to(torch.int32) + delta).clamp(-32768, 32767).to(torch.int16).view(torch.float16).to(torch.float32)
-        out.append(torch.where(torch.isfinite(nb) & (t != 0), nb, t))
-    return out
 
 
 def _block_from_real(grid: Grid, w: Tensor, sup: Tensor, x: Tensor | None, real: _Real) -> BlockFit:
@@ -439,19 +407,6 @@ def fit_and_round(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # packing
-
-
-def _half_bytes(t: Tensor) -> Tensor:
-    """[n] float32 (fp16-exact) -> [n, 2] little-endian fp16 bytes."""
-    bits = _fp16_bits(t)
-    return torch.stack([bits & 0xFF, bits >> 8], -1).to(torch.uint8)
-
-
-def _bytes_half(b: Tensor) -> Tensor:
-    """[n, 2] little-endian fp16 bytes -> [n] float32."""
-    bits = b[:, 0].to(torch.int32) | (b[:, 1].to(torch.int32) << 8)
-    bits = torch.where(bits >= 32768, bits - 65536, bits)
-    return bits.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
 def _pack_2bit(c: Tensor) -> Tensor:
@@ -538,8 +493,10 @@ def parse_blocks(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return codes.reshape(n * n_sub, grid.block), scale, offset
 
 
-def unpack(grid: Grid, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+def unpack(grid: Grid | lattice.Lattice, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """Our own dequantizer of ggml bytes (flattened layout), bit-identical to gguf-py's."""
+    if isinstance(grid, lattice.Lattice):
+        return lattice.unpack(grid, raw, shape)
     codes, scale, offset = parse_blocks(grid, raw)
     return dequant(grid, codes, scale, offset).reshape(shape)
 
@@ -549,12 +506,14 @@ def unpack(grid: Grid, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tens
 
 
 def quantize_rtn(
-    grid: Grid, W: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18
+    grid: Grid | lattice.Lattice, W: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18
 ) -> tuple[Tensor, Tensor]:
     """Round-to-nearest quantization of W[out, in] (flattened layout): (exact float32 values, ggml bytes).
 
     importance[in] (or [out, in]) weights each squared error; `chunk` (weights per step) trades memory for speed.
     """
+    if isinstance(grid, lattice.Lattice):
+        return lattice.quantize_rtn(grid, W, importance)
     reason = fits(grid, W.shape, per_row=False)
     if reason is not None:
         raise ValueError(f"{grid.name}: {reason}")

@@ -12,10 +12,10 @@ A preset names a whole mix:
 - a few small linears one grid up: k_proj and v_proj are 256 × 1536 on a GQA model (1/6 of a q_proj), and each
   serves six query heads. Bumping them to q4_k costs 0.8% of the file (5 MB on the 1.5B).
 
-`auto`, the default, takes the mix of a 2- or 3-bit K-quant backbone where the hidden size holds whole 256-weight
-super-blocks, and otherwise leaves the vocabulary as the source stores it (a 576-wide SmolLM2 row holds no
-super-block, and a 4-bit backbone gains little from re-rounding a 4-bit source). `source` is that
-behaviour everywhere. Explicit --embed-type, --output-type and --tensor-type win over the preset.
+`auto`, the default, takes the mix of a 2- or 3-bit backbone (a K-quant or an i-quant) where the hidden size holds
+whole 256-weight super-blocks, and otherwise leaves the vocabulary as the source stores it (a 576-wide SmolLM2 row
+holds no super-block, and a 4-bit backbone gains little from re-rounding a 4-bit source). `source` is that behaviour
+everywhere. Explicit --embed-type, --output-type and --tensor-type win over the preset.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ MIXES: dict[str, Mix] = {
     "q3": Mix("q3_k", "q4_k", _SMALL_UP),
 }
 PRESETS = ("auto", *MIXES)
-_BY_BACKBONE = {"q2_k": "q2", "q3_k": "q3"}  # at 4 bits and up the source's own vocabulary blocks are kept
+# at 4 bits and up the source's own vocabulary blocks are kept; the i-quants take the mix of their bit width
+_BY_BACKBONE = {"q2_k": "q2", "iq2_xxs": "q2", "iq2_xs": "q2", "iq2_s": "q2",
+                "q3_k": "q3", "iq3_xxs": "q3", "iq3_s": "q3"}
 SUPER_BLOCK = 256
 
 

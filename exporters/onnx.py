@@ -129,8 +129,10 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
       "float": float zero points (bits ≤ 4; q2_k as bits 2), zp = offset/scale for the affine formats: the most
         compact, but onnxruntime's CPU kernel then dequantizes the whole weight on every call.
     """
-    from lrdeploy.compressor import grids
+    from lrdeploy.compressor import grids, lattice
 
+    if q_format in lattice.LATTICES:
+        return _nbits_from_lattice(lattice.get(q_format), raw, shape, zero_points)
     if q_format not in NBITS_FORMATS:
         raise LrdError(f"q_format {q_format} has no MatMulNBits mapping; choose one of {', '.join(NBITS_FORMATS)}")
     if zero_points not in ZERO_POINTS:
@@ -170,6 +172,25 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
         zp = np.full((n, kb), default_zp, np.float32)
     B = pack_low_first(codes, bits)
     return NBitsWeight(bits, grid.block, n, k, B, scale.astype(np.float32), zp, offsets)
+
+
+def _nbits_from_lattice(grid, raw: torch.Tensor | np.ndarray, shape: tuple[int, int], zero_points: str) -> NBitsWeight:
+    """An i-quant (compressor/lattice.py) as 8-bit MatMulNBits, exactly.
+
+    Its values are scale · level with one float32 scale per 16- or 32-weight sub-block and integer levels that fit
+    int8 (a codebook entry with its sign: ±8..43 for iq2, or iq4's -127..113). So code = level + 128 under the op's
+    default 8-bit zero point 128 gives (code − 128)·scale, ggml's own product. Lossless and prepacked, but 8 bits
+    per weight in the ONNX file: no MatMulNBits kernel reads a codebook.
+    """
+    from lrdeploy.compressor import lattice
+
+    n, k = shape
+    raw_t = torch.as_tensor(np.asarray(raw)).to(torch.uint8).reshape(-1)
+    q, scale = lattice.levels(grid, lattice.parse(grid, raw_t, shape))
+    kb = k // grid.block
+    codes = (q.to(torch.int32) + 128).numpy().reshape(n, kb, grid.block)
+    zp = _pack_zero_points(np.full((n, kb), 128, np.int32), 8) if zero_points == "uint8" else None
+    return NBitsWeight(8, grid.block, n, k, pack_low_first(codes, 8), scale.numpy().astype(np.float32), zp, None)
 
 
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
@@ -274,7 +295,8 @@ class Weights:
     def __init__(self, tensor: Callable[[str], torch.Tensor], has: Callable[[str], bool],
                  linears: dict | None, raw: Callable[[str], torch.Tensor] | None, zero_points: str):
         self._tensor, self._has, self.linears, self._raw, self.zero_points = tensor, has, linears, raw, zero_points
-        self.counts = {"matmulnbits": 0, "lowrank": 0, "dense": 0}  # linears by how the graph computes them
+        # linears by how the graph computes them; "iquant_8bit" counts the MatMulNBits that hold an i-quant at 8 bits
+        self.counts = {"matmulnbits": 0, "lowrank": 0, "dense": 0, "iquant_8bit": 0}
 
     def tensor(self, name: str) -> np.ndarray:
         return self._tensor(name).float().numpy()
@@ -293,6 +315,7 @@ class Weights:
             assert self._raw is not None
             out.q = nbits_from_ggml(entry["q_format"], self._raw(name + ".q"), tuple(entry["shape"]), self.zero_points)
             self.counts["matmulnbits"] += 1
+            self.counts["iquant_8bit"] += entry["q_format"].startswith("iq")
         if entry["rank"]:
             out.lora_l, out.lora_r = self.tensor(name + ".lora_l"), self.tensor(name + ".lora_r")
             self.counts["lowrank"] += 1
@@ -760,8 +783,9 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    what = (f"{counts['matmulnbits']} linears as MatMulNBits, {counts['lowrank']} with L·R, artifact bpw {bpw:.3f} "
-            "(`lrdeploy inspect` gives the file's)"
+    iq = f" ({counts['iquant_8bit']} i-quants as exact 8-bit codes)" if counts["iquant_8bit"] else ""
+    what = (f"{counts['matmulnbits']} linears as MatMulNBits{iq}, {counts['lowrank']} with L·R, artifact bpw "
+            f"{bpw:.3f} (`lrdeploy inspect` gives the file's)"
             if manifest is not None else f"{counts['dense']} dense MatMuls (uncompressed baseline)")
     message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {shape.layers} layers): "
                f"{what}, in {seconds:.1f} s")

@@ -42,7 +42,9 @@ def compress(
     source: str = typer.Argument(..., help="HF directory, hub id, .gguf file, or 'smollm2' (the bundled model)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
     method: str = typer.Option("caldera", help="caldera | ldlq | lowrank | rtn."),
-    q_format: str = typer.Option("q2_k", help="Grid of the backbone Q: q2_k | q3_k | q4_k | q4_0 | q8_0."),
+    q_format: str = typer.Option("q2_k", help="Grid of the backbone Q: q2_k | q3_k | q4_k | q4_0 | q8_0, or a "
+                                 "llama.cpp i-quant (GGUF only): iq2_xxs | iq2_xs | iq2_s | iq3_xxs | iq3_s | iq4_nl | "
+                                 "iq4_xs."),
     rank: int | None = typer.Option(None, help="Rank of L·R (default: caldera 32, lowrank 64, others 0)."),
     lr_format: str | None = typer.Option(None, help="Grid of L and R: f16 | q8_0 | q4_0 (default: caldera q4_0)."),
     iters: int = typer.Option(2, help="CALDERA outer iterations."),
@@ -68,12 +70,15 @@ def compress(
                                "q3 by --q-format where rows hold 256-weight super-blocks, else source) | q2 (q2_k "
                                "embedding, q4_k output, q4_k k/v_proj) | q3 (q3_k embedding, else as q2) | source."),
     embed_type: str | None = typer.Option(None, "--embed-type", help="Format of the token embedding: source (as the "
-                                          "source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | q2_k."),
+                                          "source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | q2_k | an i-quant."),
     output_type: str | None = typer.Option(None, "--output-type", help="Format of the output matrix (lm_head): "
                                            "source (as the source stores it) | f16 | q8_0 | q4_0 | q4_k | q3_k | "
-                                           "q2_k. A format other than the embedding's unties a tied model."),
+                                           "q2_k | an i-quant. A format other than the embedding's unties a tied "
+                                           "model."),
     no_whiten: bool = typer.Option(False, "--no-whiten", help="lowrank: plain SVD instead of the H-whitened fit."),
-    no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail instead of falling back to q4_0/q8_0 where "
+    fallback: str = typer.Option("auto", help="Format of a tensor whose rows don't fit --q-format: auto (iq4_nl for "
+                                 "--target gguf, as llama-quantize does; q4_0 otherwise) | iq4_nl | q4_0 | q8_0."),
+    no_fallback: bool = typer.Option(False, "--no-fallback", help="Fail instead of falling back (--fallback) where "
                                      "a tensor's rows don't fit --q-format."),
     refine: str = typer.Option("none", help="none | distill: train each block's L and R against the original block "
                                "(Lillama feature distillation; lowrank, or caldera with Q frozen)."),
@@ -103,6 +108,7 @@ def compress(
         method=method, q_format=q_format, rank=rank, lr_format=lr_format, iters=iters, lplr_iters=lplr_iters,
         calib=calib, calib_range=calib_range, calib_tokens=calib_tokens, seq_len=seq_len, seed=seed,
         device=device, inputs=inputs, target=target, whiten=not no_whiten, allow_fallback=not no_fallback,
+        fallback=fallback,
         tensor_types=_pairs(tensor_type, "--tensor-type"), tensor_ranks=_int_pairs(tensor_rank, "--tensor-rank"),
         embed_type=embed_type, output_type=output_type, preset=preset, rotate=rotate, rotate_seed=rotate_seed,
         refine=refine, distill_inputs=distill_inputs,

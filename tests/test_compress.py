@@ -15,6 +15,7 @@ from lrdeploy.artifact import QLRLinear, load_artifact, read_manifest
 from lrdeploy.compressor import grids
 from lrdeploy.compressor.driver import LINEARS, CompressOptions, compress
 from lrdeploy.compressor.sources import open_source
+from lrdeploy.errors import LrdError
 
 FAST = ["--calib-tokens", "2048", "--seq-len", "128", "--iters", "2", "--lplr-iters", "1", "-q"]
 
@@ -232,10 +233,16 @@ def test_gguf_target_falls_back_per_tensor():
 
     o = CompressOptions().resolved()
     p = plan_linear("x", (1536, 576), o)
-    assert p.q_format == "q4_0" and "576" in p.fallback
+    assert p.q_format == "iq4_nl" and p.fallback == "row length 576 is not a multiple of 256 (gguf): q2_k -> iq4_nl"
     assert plan_linear("x", (576, 1536), o).q_format == "q2_k"
+    assert plan_linear("x", (1536, 576), CompressOptions(fallback="q4_0").resolved()).q_format == "q4_0"
+    assert plan_linear("x", (1536, 576), CompressOptions(q_format="iq2_xs").resolved()).q_format == "iq4_nl"
     o_any = CompressOptions(target="any").resolved()
     assert plan_linear("x", (1536, 576), o_any).q_format == "q2_k"
+    o_onnx = CompressOptions(q_format="iq2_xs", target="onnx").resolved()
+    assert plan_linear("x", (1536, 576), o_onnx).q_format == "q4_0"
+    with pytest.raises(LrdError, match="unknown --fallback 'q5_0'; choose one of auto, iq4_nl, q4_0, q8_0"):
+        CompressOptions(fallback="q5_0").resolved()
     assert grids.fits(grids.get_grid("q2_k"), (1536, 576), per_row=False) is None
 
 

@@ -44,7 +44,9 @@ from lrdeploy.exporters.gguf import (
 from lrdeploy.runtime.eval import perplexity
 from lrdeploy.runtime.llamacpp import amx_in_build, open_llamacpp, plain_cpu_buffers
 
-COMBOS = [("q2_k", "f16"), ("q3_k", "q8_0"), ("q4_k", "q8_0")]
+# K-quants, and llama.cpp's i-quants (codebook grids at 2 and 3 bits, iq4_nl's non-uniform levels)
+COMBOS = [("q2_k", "f16"), ("q3_k", "q8_0"), ("q4_k", "q8_0"), ("iq2_xs", "q8_0"), ("iq3_xxs", "f16"),
+          ("iq4_nl", "q4_0")]
 RMS_TOL, MAX_TOL, ARGMAX_MIN = 0.03, 0.20, 0.95
 GGUF_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -140,6 +142,9 @@ def test_base_plus_adapter_logits_match_torch(tiny_export, windows, monkeypatch,
         assert dev["max"] <= MAX_TOL and dev["argmax"] >= ARGMAX_MIN, dev
         control = deviation(base_only.logits(w), ref)
         assert control["rms"] > 3 * dev["rms"], (control, dev)  # the tolerance would catch a missing adapter
+    p_torch = perplexity(lambda ids: torch_logits(model, ids), windows)
+    p_llama = perplexity(llama.logits, windows)
+    assert abs(p_llama.ppl / p_torch.ppl - 1) < 0.01, (p_llama.ppl, p_torch.ppl)
     assert llama.bpw == pytest.approx(manifest["summary"]["bpw"], rel=1e-12)  # computed from the GGUF bytes
     llama.close()
     base_only.close()

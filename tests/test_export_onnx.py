@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrdeploy.compressor import grids
+from lrdeploy.compressor import grids, lattice
 from lrdeploy.errors import LrdError
 from lrdeploy.exporters.onnx import export_onnx, nbits_dequant, nbits_from_ggml
 from lrdeploy.runtime.onnxrt import open_onnxruntime
@@ -112,16 +112,33 @@ def test_matmulnbits_reproduces_q(fmt, zero_points, tmp_path):
     np.testing.assert_allclose(y, x @ Q.T, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("zero_points", ["auto", "uint8"])
+@pytest.mark.parametrize("fmt", list(lattice.LATTICES))
+def test_matmulnbits_reproduces_iquants(fmt, zero_points, tmp_path):
+    """An i-quant's codebook (or iq4 level) times its sub-scale is an int8 level times a float: 8-bit MatMulNBits
+    with zero point 128 runs exactly ggml's values."""
+    grid = grids.get_grid(fmt)
+    n, k = 48, 512
+    _, raw = grids.quantize_rtn(grid, torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02)
+    Q = grids.unpack(grid, raw, (n, k)).numpy()
+    w = nbits_from_ggml(fmt, raw, (n, k), zero_points)
+    assert (w.bits, w.block_size, w.offsets) == (8, grid.block, None)
+    got = _linear_session(w, tmp_path)(np.eye(k, dtype=np.float32)).T
+    np.testing.assert_array_equal(got, nbits_dequant(w))
+    np.testing.assert_array_equal(got, Q)
+
+
 @pytest.fixture(scope="module")
 def tiny_artifacts(tiny_llama, tiny_qwen2, calib_text, tmp_path_factory):
-    """Two cheap artifacts: CALDERA q2_k (+ L·R in q4_0) on llama, RTN q4_0 on qwen2 (q/k/v biases)."""
+    """Cheap artifacts: CALDERA q2_k (+ L·R in q4_0) on llama, RTN q4_0 on qwen2 (q/k/v biases), LDLQ iq2_xs."""
     from lrdeploy.compressor.driver import CompressOptions, compress
     from lrdeploy.compressor.sources import open_source
 
     root = tmp_path_factory.mktemp("onnx_tiny")
     out = {}
     for key, src, method, fmt in (("llama_q2_k", tiny_llama, "caldera", "q2_k"),
-                                  ("qwen2_q4_0", tiny_qwen2, "rtn", "q4_0")):
+                                  ("qwen2_q4_0", tiny_qwen2, "rtn", "q4_0"),
+                                  ("llama_iq2_xs", tiny_llama, "ldlq", "iq2_xs")):
         opts = CompressOptions(method=method, q_format=fmt, calib=calib_text, calib_tokens=1024, seq_len=128,
                                iters=1, lplr_iters=1, target="any", device="cpu")
         compress(open_source(str(src)), opts, root / key)
@@ -129,14 +146,16 @@ def tiny_artifacts(tiny_llama, tiny_qwen2, calib_text, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("key", ["llama_q2_k", "qwen2_q4_0"])
+@pytest.mark.parametrize("key", ["llama_q2_k", "qwen2_q4_0", "llama_iq2_xs"])
 def test_tiny_export_matches_torch(tiny_artifacts, key, tmp_path):
-    from lrdeploy.artifact import load_artifact
+    from lrdeploy.artifact import load_artifact, read_manifest
 
     art = tiny_artifacts[key]
     summary = export_onnx(str(art), tmp_path / "onnx")
     assert summary["linears"]["matmulnbits"] == 14 and "MatMulNBits" in summary["message"]
-    assert summary["linears"]["lowrank"] == (14 if key.startswith("llama") else 0)
+    assert summary["linears"]["lowrank"] == (14 if key == "llama_q2_k" else 0)
+    iquants = sum(e["q_format"].startswith("iq") for e in read_manifest(art)["linears"].values())
+    assert summary["linears"]["iquant_8bit"] == iquants == (10 if key == "llama_iq2_xs" else 0)  # q2 mix: k/v q4_k
     for name in ("model.onnx", "genai_config.json", "tokenizer.json", "lrdeploy_onnx.json"):
         assert (tmp_path / "onnx" / name).is_file(), name
     model, manifest = load_artifact(art)
