@@ -39,8 +39,7 @@ def point(method: str, fmt: str) -> dict:
         ["compress", "smollm2", "-o", str(art), "--method", method, "--q-format", fmt, "--preset", "source",
          "--target", "gguf", *CALIB, "--device", "cpu", "--force", "-q", "--json"]))
     ev = cached(f"eval-{method}-{fmt}", lambda: run_json(["eval", str(art), *EVAL, "-q", "--json"]))
-    return {"method": method, "format": fmt, "bpw": comp["bpw"], "ppl": ev["ppl"],
-            "minutes": comp["timings"]["compress_seconds"] / 60}
+    return {"method": method, "format": fmt, "bpw": comp["bpw"], "ppl": ev["ppl"]}
 
 
 def main() -> None:
@@ -58,13 +57,13 @@ def main() -> None:
         "first half of the WikiText-2 validation text; perplexity is `lrdeploy eval` (torch, ctx 512, 40 windows) "
         "on the second half.",
         "",
-        "| method | format | bpw | ppl | vs uncompressed | compress min |",
-        "|---|---|---:|---:|---:|---:|",
-        f"| uncompressed | – | – | {base:.2f} | – | – |",
+        "| method | format | bpw | ppl | vs uncompressed |",
+        "|---|---|---:|---:|---:|",
+        f"| uncompressed | – | – | {base:.2f} | – |",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['format']} | {r['bpw']:.3f} | {r['ppl']:.2f} | "
-                     f"{100 * (r['ppl'] / base - 1):+.1f}% | {r['minutes']:.1f} |")
+                     f"{100 * (r['ppl'] / base - 1):+.1f}% |")
     by = {(r["method"], r["format"]): r["ppl"] for r in rows}
     wins = all(by[(m, "iq4_nl")] < by[(m, "q4_0")] for m in ("rtn", "ldlq"))
     lines += ["", ("iq4_nl is better under both methods, so `--fallback auto` takes it for `--target gguf` (as "
