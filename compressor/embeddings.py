@@ -67,8 +67,8 @@ def plan_vocab(embed_type: str | None, output_type: str | None, config, has_head
             reason = grids.fits(grids.get_grid(fmt), shape, per_row=True)
             if reason is not None:
                 raise LrdError(f"{name} {shape[0]}x{shape[1]}: {reason}, so {flag} {fmt} does not fit; choose a "
-                               "format whose blocks fit the rows (q4_0/q8_0: rows % 32, K-quants: rows % 256), f16 "
-                               "or source")
+                               "format whose blocks fit the rows (q4_0/q8_0/iq4_nl: rows % 32, K- and i-quants: "
+                               "rows % 256), f16 or source")
     return VocabPlan(embed, stored_head, HEAD if has_head or not tied else EMBED, untie, shape)
 
 
