@@ -79,9 +79,6 @@ class Lattice(Sizes):
         """Columns block LDLQ rounds at once: a sign-parity unit of 8 weights, or one column for scalar levels."""
         return 1 if self.signs == "none" else 8
 
-    @property
-    def affine(self) -> bool:
-        return False
 
 
 _T = gguf.GGMLQuantizationType
@@ -123,10 +120,6 @@ def _book(name: str) -> _Book:
     dist = torch.cdist(pts, C)
     near = dist.topk(min(NEIGHBOURS, C.shape[0]), largest=False).indices
     return _Book(C, levels, near)
-
-
-def get(name: str) -> Lattice:
-    return LATTICES[name]
 
 
 def fits(grid: Lattice, shape: tuple[int, ...] | torch.Size) -> str | None:

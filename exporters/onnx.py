@@ -132,7 +132,7 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
     from lrdeploy.compressor import grids, lattice
 
     if q_format in lattice.LATTICES:
-        return _nbits_from_lattice(lattice.get(q_format), raw, shape, zero_points)
+        return _nbits_from_lattice(grids.get_grid(q_format), raw, shape, zero_points)
     if q_format not in NBITS_FORMATS:
         raise LrdError(f"q_format {q_format} has no MatMulNBits mapping; choose one of {', '.join(NBITS_FORMATS)}")
     if zero_points not in ZERO_POINTS:
@@ -172,6 +172,12 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
         zp = np.full((n, kb), default_zp, np.float32)
     B = pack_low_first(codes, bits)
     return NBitsWeight(bits, grid.block, n, k, B, scale.astype(np.float32), zp, offsets)
+
+
+def _lattice_formats() -> dict:
+    from lrdeploy.compressor import lattice
+
+    return lattice.LATTICES
 
 
 def _nbits_from_lattice(grid, raw: torch.Tensor | np.ndarray, shape: tuple[int, int], zero_points: str) -> NBitsWeight:
@@ -315,7 +321,7 @@ class Weights:
             assert self._raw is not None
             out.q = nbits_from_ggml(entry["q_format"], self._raw(name + ".q"), tuple(entry["shape"]), self.zero_points)
             self.counts["matmulnbits"] += 1
-            self.counts["iquant_8bit"] += entry["q_format"].startswith("iq")
+            self.counts["iquant_8bit"] += entry["q_format"] in _lattice_formats()
         if entry["rank"]:
             out.lora_l, out.lora_r = self.tensor(name + ".lora_l"), self.tensor(name + ".lora_r")
             self.counts["lowrank"] += 1
