@@ -23,19 +23,12 @@ from torch import nn
 
 from lrdeploy.artifact import FORMAT, MANIFEST, VERSION, WEIGHTS, LinearEntry, QLRLinear
 from lrdeploy.compressor import allocate as alloc
+from lrdeploy.compressor import arch as archs
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
 from lrdeploy.compressor import embeddings as emb
 from lrdeploy.compressor import grids, recipe, rotate
-from lrdeploy.compressor.model import (
-    LINEAR_GROUPS,
-    LINEARS,
-    block_context,
-    layer_prefix,
-    materialize,
-    rotary,
-    skeleton,
-)
+from lrdeploy.compressor.model import BlockContext, embed_scale, layer_prefix, materialize, rotary, skeleton
 from lrdeploy.compressor.sources import ModelSource
 from lrdeploy.compressor.text import calibration_ids, load_text, tokenize
 from lrdeploy.errors import LrdError
@@ -348,12 +341,42 @@ def _malloc_trim():
         return None
 
 
+def hook_h(block: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor, ctx: dict,
+           batch: int) -> Iterator[torch.Tensor]:
+    """H of each group in turn: what the group's first linear really receives, recorded by a forward hook.
+
+    The caller swaps a group's compressed linears into BLOCK before asking for the next H, so each H sees the
+    compressed linears before it. The reference for every architecture: it assumes nothing about the block's
+    layout. Each pass stops at the hooked linear, so the last group costs one whole forward and the first almost none.
+    """
+    for group in groups:
+        module = block.get_submodule(group[0])
+        c = HCollector(module.in_features, x.device)
+
+        def record(m: nn.Module, args: tuple, c: HCollector = c) -> None:
+            c(m, args)
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(record)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(x), batch):
+                    try:
+                        block(x[i : i + batch], **ctx)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        yield c.H
+
+
 def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterator[torch.Tensor]:
-    """H of each LINEAR_GROUPS entry in turn, from the block's own forward as its linears get compressed.
+    """H of each group of a llama-shaped block in turn, from the block's own forward as its linears get compressed.
 
     The caller swaps a group's compressed linears into BLOCK before asking for the next H. Each stage reuses the
-    activations of the one before (llama-family block: x + o(attn(norm x)), then + down(act(gate g) * up g)), so
-    attention runs once per block instead of once per group.
+    activations of the one before (x + o(attn(norm x)), then + down(act(gate g) * up g)), so attention runs once
+    per block instead of once per group. Valid only where the registry says so (Arch.staged_h): a block with
+    sandwich norms or fused linears would get a wrong H with no error, so those take hook_h.
     """
     parts = range(0, len(x), batch)
     with torch.no_grad():
@@ -468,6 +491,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     t_start = time.perf_counter()
     config = source.config
     o = recipe.apply(o, config.hidden_size)
+    arch = archs.get(config)
     if o.rotate != "none":  # every tensor the run reads comes out rotated; the norms it folds read as ones
         source = rotate.RotatedSource(source, o.rotate, o.rotate_seed)
         config = source.config
@@ -477,7 +501,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     shapes: dict[str, tuple[int, int]] = {}
     for i in range(n_layers):
         block = model.model.layers[i]
-        for name in LINEARS:
+        for name in arch.linears:
             m = block.get_submodule(name)
             shapes[layer_prefix(i) + name] = (m.out_features, m.in_features)
     step = rank_step(o)
@@ -510,13 +534,16 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
 
     get = source.tensor
     x = source.rows(emb.EMBED, calib).to(device)  # only the calibration ids' rows: the table is never built
+    scale = embed_scale(config)
+    if scale is not None:
+        x = x * scale
     model.model.embed_tokens = None  # only one block stays resident
     rot = rotary(model, device)
-    ctx = block_context(model, x[: o.batch_size], rot)
+    ctxs = BlockContext(model, x[: o.batch_size], rot)
     if o.targeted:
         if "allocation" not in state:  # decided once; a resumed run reads it back
             if o.allocation == "error":
-                curves = _error_curves(model, plans, o, x, ctx, get, device)
+                curves = _error_curves(model, arch, plans, o, x, ctxs, get, device)
                 early = allocation_record(o, plans, shapes, model_params, curves)
             state["allocation"] = early
             atomic_write_json(state_file, state)
@@ -525,34 +552,35 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     modes = o.distill_modes()
     teacher_x = x if o.inputs == "teacher" or modes else None
     student_x = x if o.inputs == "student" or "student" in modes else None
-    dctx = block_context(model, x[: min(o.distill_batch, len(x))], rot) if modes else None
+    dctxs = BlockContext(model, x[: min(o.distill_batch, len(x))], rot) if modes else None
     steps = o.distill_steps if o.distill_epochs is None else dst.steps_for(o.distill_epochs, len(x), o.distill_batch)
 
     y = None
     for i in range(n_layers):
         prefix = layer_prefix(i)
+        ctx = ctxs[i]
         teacher = materialize(model.model.layers[i], prefix, get, device)
         shard = tmp / "layers" / f"{i:04d}.safetensors"
         if i >= state["layers_done"]:
             t0 = time.perf_counter()
             stages = state.setdefault("stage_seconds", {})
             tensors, entries, parts = _compress_block(
-                teacher, prefix, plans, o, student_x if o.inputs == "student" else None,
+                teacher, arch, prefix, plans, o, student_x if o.inputs == "student" else None,
                 teacher_x if o.inputs == "teacher" else None, ctx, progress, stages)
             records = {k: v.to_json() for k, v in entries.items()}
             if modes:
                 y = run_block(teacher, teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
                 report = _distill_block(teacher, prefix, parts, tensors, records, o, teacher_x, student_x, y, ctx,
-                                        dctx, steps, i)
+                                        dctxs[i], steps, i)
                 state.setdefault("distill", []).append(report)
-            _save_shard(shard, tensors, teacher, prefix)
+            _save_shard(shard, tensors, teacher, prefix, arch)
             del tensors, parts  # block i's damped H (321 MB for an 8960-wide down_proj) must not meet block i+1's
             state["linears"].update(records)
             state["layers_done"] = i + 1
             state["seconds"] += time.perf_counter() - t0
             atomic_write_json(state_file, state)
         elif progress:
-            for name in LINEARS:
+            for name in arch.linears:
                 progress(f"layer {i} {name} (resumed)")
         if student_x is not None:
             t1 = time.perf_counter()
@@ -631,6 +659,7 @@ def _save_vocab(path: Path, tensors: dict[str, torch.Tensor | emb.Stored], state
 
 def _compress_block(
     teacher: nn.Module,
+    arch: archs.Arch,
     prefix: str,
     plans: dict[str, LinearPlan],
     o: CompressOptions,
@@ -640,7 +669,7 @@ def _compress_block(
     progress: Progress | None,
     stages: dict[str, float],
 ) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry], dict[str, tuple[dec.Decomposition, torch.Tensor]]]:
-    """Compress the 7 linears of one block, group by group, with H from student or teacher inputs.
+    """Compress the linears of one block, group by group, with H from student or teacher inputs.
 
     Also returns each linear's decomposition and damped H, which distillation starts from and re-measures with.
     """
@@ -650,12 +679,14 @@ def _compress_block(
     parts: dict[str, tuple[dec.Decomposition, torch.Tensor]] = {}
     t_h = time.perf_counter()
     if teacher_x is not None:  # teacher inputs: every H comes from one pass of the original block
-        firsts = tuple(g[0] for g in LINEAR_GROUPS)
+        firsts = tuple(g[0] for g in arch.groups)
         hs = collect_h(teacher, firsts, teacher_x, ctx, o.batch_size)
         h_stages = iter([hs[name] for name in firsts])
-    else:  # student inputs: each H sees the already-compressed linears before it
+    elif arch.staged_h:  # student inputs: each H sees the already-compressed linears before it
         h_stages = staged_h(student, student_x, ctx, o.batch_size)
-    for group in LINEAR_GROUPS:
+    else:
+        h_stages = hook_h(student, arch.groups, student_x, ctx, o.batch_size)
+    for group in arch.groups:
         release_freed_memory()
         fac = dec.hessian_factor(next(h_stages), o.damp)  # H itself is not kept: fac.H is its damped copy
         stages["h_collection"] = stages.get("h_collection", 0.0) + time.perf_counter() - t_h
@@ -734,20 +765,20 @@ def allocation_record(o: CompressOptions, plans: dict[str, LinearPlan], shapes: 
     return rec
 
 
-def _error_curves(model: nn.Module, plans: dict[str, LinearPlan], o: CompressOptions, x: torch.Tensor, ctx: dict,
-                  get, device: torch.device) -> dict[str, torch.Tensor]:
+def _error_curves(model: nn.Module, arch: archs.Arch, plans: dict[str, LinearPlan], o: CompressOptions,
+                  x: torch.Tensor, ctxs: BlockContext, get, device: torch.device) -> dict[str, torch.Tensor]:
     """Relative H-error against rank for every linear, from one streaming pass of the teacher.
 
     The curve is the whitened spectrum of what L·R must fit: W for lowrank, W − LDLQ(W) for caldera (its first
     iteration). H comes from the teacher's hidden states whatever --inputs says: the student's don't exist yet.
     """
     curves: dict[str, torch.Tensor] = {}
-    firsts = tuple(g[0] for g in LINEAR_GROUPS)
+    firsts = tuple(g[0] for g in arch.groups)
     for i in range(len(model.model.layers)):
         prefix = layer_prefix(i)
         block = materialize(model.model.layers[i], prefix, get, device)
-        hs = collect_h(block, firsts, x, ctx, o.batch_size)
-        for group in LINEAR_GROUPS:
+        hs = collect_h(block, firsts, x, ctxs[i], o.batch_size)
+        for group in arch.groups:
             fac = dec.hessian_factor(hs[group[0]], o.damp)
             for name in group:
                 W, _ = _weights(block, name)
@@ -756,7 +787,7 @@ def _error_curves(model: nn.Module, plans: dict[str, LinearPlan], o: CompressOpt
                 A = W if plan.q_format is None else W - dec.ldlq(W, fac, grids.get_grid(plan.q_format)).values
                 sigma = torch.linalg.svdvals(A @ fac.S)
                 curves[prefix + name] = alloc.error_curve(sigma, dec.h_error(W, fac.H)).cpu()
-        x = run_block(block, x, ctx, o.batch_size)
+        x = run_block(block, x, ctxs[i], o.batch_size)
         block.to_empty(device="meta")  # free it: the main pass materializes it again
     return curves
 
@@ -822,11 +853,12 @@ def _swap(block: nn.Module, name: str, d: dec.Decomposition, bias: torch.Tensor 
     setattr(block.get_submodule(parent_name), child, qlr)
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], teacher: nn.Module, prefix: str) -> None:
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], teacher: nn.Module, prefix: str,
+                arch: archs.Arch) -> None:
     """One finished block: its compressed linears plus its other tensors (norms) as they were."""
     from safetensors.torch import save_file
 
-    compressed = {prefix + n for n in LINEARS}
+    compressed = {prefix + n for n in arch.linears}
     for name, p in teacher.named_parameters():
         full = prefix + name
         if full.rpartition(".")[0] not in compressed:

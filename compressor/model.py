@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-# Linears of a llama-family decoder block, in the order their inputs become available. Linears in one group
-# share their input, so they share one H.
-LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-LINEARS: tuple[str, ...] = tuple(name for group in LINEAR_GROUPS for name in group)
+from lrdeploy.compressor import arch as archs
+
 TensorGetter = Callable[[str], torch.Tensor]
 
 
@@ -47,15 +41,34 @@ def rotary(model: nn.Module, device: torch.device | str) -> nn.Module:
     return type(rot)(config=model.config).to(device)
 
 
-def block_context(model: nn.Module, x: torch.Tensor, rot: nn.Module) -> dict:
-    """Keyword arguments a standalone decoder block needs, built exactly as the full model builds them."""
-    from transformers.masking_utils import create_causal_mask
+class BlockContext:
+    """Keyword arguments a standalone decoder block needs, built exactly as the full model builds them: one set per
+    layer kind (full or sliding-window attention, each with its own mask and RoPE tables), picked per layer."""
 
-    pos = torch.arange(x.shape[1], device=x.device)[None]
-    mask = create_causal_mask(
-        config=model.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos
-    )
-    return {"attention_mask": mask, "position_ids": pos, "position_embeddings": rot(x, position_ids=pos)}
+    def __init__(self, model: nn.Module, x: torch.Tensor, rot: nn.Module):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        config = model.config
+        self.types = archs.layer_types(config)
+        x = x[:1]  # masks built for one sequence broadcast over any batch (a short last batch included)
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        per_type = "layer_type" in inspect.signature(rot.forward).parameters  # gemma3: RoPE base per layer kind
+        self.by_type = {}
+        for kind in set(self.types):
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            mask = make(config=config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
+            pe = rot(x, pos, kind) if per_type else rot(x, position_ids=pos)
+            self.by_type[kind] = {"attention_mask": mask, "position_ids": pos, "position_embeddings": pe}
+
+    def __getitem__(self, layer: int) -> dict:
+        return self.by_type[self.types[layer]]
+
+
+def embed_scale(config) -> float | None:
+    """What the model multiplies its embeddings by (gemma: √hidden, as a float32 scalar), or None."""
+    if not archs.get(config).embed_scale:
+        return None
+    return float(torch.tensor(config.hidden_size**0.5, dtype=torch.float32))
 
 
 def load_full(config, get: TensorGetter, device: torch.device | str = "cpu", replace=None) -> nn.Module:
@@ -75,5 +88,8 @@ def load_full(config, get: TensorGetter, device: torch.device | str = "cpu", rep
                 b.copy_(get(name).to(b.dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    scale = embed_scale(config)
+    if scale is not None:  # a non-persistent buffer: to_empty left it unset
+        model.model.embed_tokens.embed_scale.fill_(scale)
     model.model.rotary_emb = rotary(model, device)
     return model.eval()

@@ -36,14 +36,12 @@ from pathlib import Path
 
 import torch
 
+from lrdeploy.compressor import arch as archs
 from lrdeploy.compressor.embeddings import CHUNK_ROWS, EMBED, HEAD
 from lrdeploy.errors import LrdError
 
 KINDS = ("none", "residual", "residual+head")
 FINAL_NORM = "model.norm.weight"
-READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-WRITES = ("self_attn.o_proj", "mlp.down_proj")
 
 
 def check_kind(kind: str) -> None:
@@ -112,6 +110,12 @@ class RotatedSource:
     """A model source whose tensors come out rotated (see the module docstring); everything else is BASE's."""
 
     def __init__(self, base, kind: str, seed: int) -> None:
+        self.family = archs.get(base.config)
+        if not self.family.rotatable:
+            raise LrdError(f"--rotate is not supported for {self.family.name}: its sandwich norms sit between the "
+                           "linears and the residual stream, so no rotation folds into the weights; use --rotate none")
+        self.reads = self.family.reads
+        self.value, self.value_row = self.family.value_rows(base.config)
         self.base = base
         self.rotation = Rotation.make(kind, seed, base.config)
         self.source_config = base.config
@@ -163,15 +167,11 @@ class RotatedSource:
             yield self._apply(name, chunk).float()
 
     def _rotate(self, name: str, get) -> torch.Tensor:
-        if name.endswith("norm.weight") and self._folded(name):
+        if name == FINAL_NORM or (name.endswith(".weight") and name.rsplit(".", 2)[-2] in self.reads):  # folded
             return torch.ones_like(self.base.tensor(name))
         if name == HEAD and not self.base.has(HEAD):
             return self._apply(HEAD, get(EMBED))
         return self._apply(name, get(name))
-
-    @staticmethod
-    def _folded(name: str) -> bool:
-        return name == FINAL_NORM or name.rsplit(".", 2)[-2] in READS
 
     def _apply(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """NAME's tensor W (float, any float type) rotated, in float64."""
@@ -186,12 +186,12 @@ class RotatedSource:
         prefix, rest = name.split(".", 3)[:3], name.split(".", 3)[3]
         layer = ".".join(prefix) + "."
         module, kind = rest.rsplit(".", 1)
-        for norm, readers in READS.items():
+        for norm, readers in self.reads.items():
             if module in readers and kind == "weight":
                 w = (w * self._norm(layer + norm + ".weight")) @ Q
-        if Qh is not None and module == "self_attn.v_proj":
-            w = _per_head(w, Qh.T, rows=True)
-        if module in WRITES:
+        if Qh is not None and module == self.value:  # v_proj's rows, or the value rows of a fused qkv
+            w = torch.cat([w[: self.value_row], _per_head(w[self.value_row :], Qh.T, rows=True)])
+        if module in self.family.writes:
             if Qh is not None and module == "self_attn.o_proj" and kind == "weight":
                 w = _per_head(w, Qh, rows=False)
             w = Q.T @ w

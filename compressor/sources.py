@@ -14,18 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrdeploy.compressor import arch as archs
 from lrdeploy.compressor.named import NAMES, SMOLLM2, named_path, smollm2_path  # noqa: F401 - re-exported
 from lrdeploy.errors import LrdError
 from lrdeploy.io import cache_root, sha256_file
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def check_architecture(config) -> str:
-    arch = getattr(config, "model_type", None)
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise LrdError(f"unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    return arch
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -143,9 +135,12 @@ class ModelSource:
     def _gguf_tensor(self, name: str) -> torch.Tensor:
         t = self._index[name]
         w = self._gguf_rows(t, t.raw()).reshape(t.shape)
-        if self.gguf_arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        arch = archs.by_gguf(self.gguf_arch)
+        if arch.permute_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             w = unpermute_rows(w, heads)
+        if arch.norm_offset and name.endswith("norm.weight"):  # llama.cpp's converter stores gemma's 1 + w
+            w = w - arch.norm_offset
         return w
 
     def tokenizer(self):
@@ -221,7 +216,7 @@ def _open_hf(spec: str, path: Path) -> ModelSource:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as e:
         raise LrdError(f"cannot read {path / 'config.json'}: {e}") from None
-    check_architecture(config)
+    archs.get(config)
     index: dict[str, object] = {}
     sharded = path / "model.safetensors.index.json"
     if sharded.is_file():
@@ -282,6 +277,12 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 def read_gguf_index(path: Path) -> tuple[str, dict[str, GGUFTensor]]:
     """Parse a GGUF header: (general.architecture, tensor index). Much faster than gguf.GGUFReader on big vocabs."""
+    meta, tensors = read_gguf_header(path)
+    return str(meta.get("general.architecture", "?")), tensors
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, object], dict[str, GGUFTensor]]:
+    """A GGUF header: (scalar and string metadata, tensor index); numeric arrays are skipped, not read."""
     import math
     import struct
 
@@ -354,7 +355,7 @@ def read_gguf_index(path: Path) -> tuple[str, dict[str, GGUFTensor]]:
             tensors[name] = GGUFTensor(path, qtype, tuple(int(x) for x in reversed(ne)), start + off, nbytes)
     except (ValueError, KeyError, struct.error, OSError, RecursionError, OverflowError) as e:
         raise LrdError(f"cannot read GGUF {path}: {e}") from None
-    return str(meta.get("general.architecture", "?")), tensors
+    return meta, tensors
 
 
 def _gguf_config(path: Path, arch: str):
@@ -363,14 +364,14 @@ def _gguf_config(path: Path, arch: str):
 
     cache = gguf_meta_cache(path)
     if not (cache / "config.json").is_file():
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise LrdError(f"unsupported architecture '{arch}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        archs.by_gguf(arch)
         try:
             with _quiet():
                 config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
                 tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:
             raise LrdError(f"cannot read the metadata of {path}: {e}") from None
+        _restore_config(config, read_gguf_header(path)[0])
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(tmp))
@@ -382,8 +383,31 @@ def _gguf_config(path: Path, arch: str):
 
             shutil.rmtree(tmp, ignore_errors=True)
     config = AutoConfig.from_pretrained(str(cache))
-    check_architecture(config)
+    archs.get(config)
     return config
+
+
+def _restore_config(config, meta: dict[str, object]) -> None:
+    """Put back what transformers' GGUF reader drops, as llama.cpp reads the file.
+
+    phi3: its sliding window. gemma3: the global layers' RoPE scaling (rope.scaling.*), and the attention scale,
+    which llama.cpp derives from the shapes (1/√head_dim; 1/√(hidden/heads) for the 62-layer 27B) where
+    transformers would assume 256."""
+    arch = archs.get(config)
+    window = meta.get(f"{arch.gguf}.attention.sliding_window")
+    if "sliding_window" in arch.gguf_extra and window and not getattr(config, "sliding_window", None):
+        config.sliding_window = int(window)
+    if config.model_type != "gemma3_text":
+        return
+    prefix = "gemma3."
+    factor = meta.get(prefix + "rope.scaling.factor")
+    if meta.get(prefix + "rope.scaling.type") == "linear" and factor:
+        full = dict(config.rope_parameters["full_attention"])
+        full.update(rope_type="linear", factor=float(factor))
+        config.rope_parameters = {**config.rope_parameters, "full_attention": full}
+    heads = config.num_attention_heads
+    config.query_pre_attn_scalar = (config.hidden_size // heads if config.num_hidden_layers == 62
+                                    else archs.head_dim(config))
 
 
 def gguf_meta_cache(path: Path) -> Path:

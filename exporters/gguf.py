@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 
+from lrdeploy.compressor import arch as archs
 from lrdeploy.compressor import grids
 from lrdeploy.compressor.embeddings import EMBED, HEAD
 from lrdeploy.compressor.sources import permute_rows
@@ -39,9 +40,6 @@ FLOATS: dict[str, tuple[np.dtype, QT]] = {
     "f32": (np.dtype(np.float32), QT.F32),
     "f16": (np.dtype(np.float16), QT.F16),
 }
-# transformers model_type -> general.architecture, as llama.cpp's converter maps them
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTED_ARCHS = ("llama",)  # llama.cpp's llama rope pairs rows differently from HF: its converter permutes q/k
 FILE_TYPES = {
     "q2_k": gguf.LlamaFileType.MOSTLY_Q2_K,
     "q3_k": gguf.LlamaFileType.MOSTLY_Q3_K_S,
@@ -95,10 +93,11 @@ class TensorOut:
 
 
 def gguf_arch(model_type: str) -> str:
-    arch = GGUF_ARCH.get(model_type)
-    if arch is None:
-        raise LrdError(f"GGUF export does not support architecture '{model_type}'; supported: {', '.join(GGUF_ARCH)}")
-    return arch
+    """llama.cpp's general.architecture for a transformers model_type (the registry's `gguf`)."""
+    if model_type not in archs.ARCHS:
+        raise LrdError(f"GGUF export does not support architecture '{model_type}'; "
+                       f"supported: {', '.join(archs.SUPPORTED)}")
+    return archs.ARCHS[model_type].gguf
 
 
 def name_map(arch: str, n_layers: int) -> gguf.TensorNameMap:
@@ -116,7 +115,7 @@ def gguf_name(tmap: gguf.TensorNameMap, hf_name: str) -> str:
 
 def qk_heads(hf_name: str, config: Any, arch: str) -> int | None:
     """Heads to permute the rows of HF_NAME by (llama q/k weights and biases), or None."""
-    if arch not in PERMUTED_ARCHS:
+    if not archs.by_gguf(arch).permute_qk:  # llama.cpp's llama rope pairs rows differently from HF
         return None
     if ".self_attn.q_proj." in hf_name + ".":
         return config.num_attention_heads
@@ -216,11 +215,35 @@ def bpe_vocab(tokenizer_json: dict, n_vocab: int) -> tuple[list[str], list[int]]
 
 
 def rope_parameters(config: Any) -> dict:
-    """Rope settings as one dict: transformers 5 has rope_parameters, earlier versions rope_theta + rope_scaling."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
-    return params
+    """Rope settings of the full-attention layers as one dict (transformers 5 has rope_parameters, per layer kind
+    for gemma3; earlier versions rope_theta + rope_scaling)."""
+    return archs.rope_for(config, "full_attention")
+
+
+def arch_problem(config: Any) -> str | None:
+    """What llama.cpp's graph for this architecture cannot express about CONFIG, or None.
+
+    llama.cpp's gemma3 fixes what transformers' config makes free: every sixth layer global, the sliding layers'
+    RoPE base at 10000 unscaled, the attention scale at 1/√head_dim, and no logit soft-capping."""
+    if config.model_type != "gemma3_text":
+        return None
+    types = archs.layer_types(config)
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]
+    if types != pattern:
+        return "llama.cpp's gemma3 makes every sixth layer global; this model's layer_types differ"
+    local = archs.rope_for(config, "sliding_attention")
+    if local["rope_type"] != "default" or float(local["rope_theta"]) != 10000.0:
+        return "llama.cpp's gemma3 runs the sliding layers with RoPE base 10000, unscaled; this model's differ"
+    if abs(archs.attention_scale(config) - archs.head_dim(config) ** -0.5) > 1e-9:
+        return "llama.cpp's gemma3 scales attention by 1/√head_dim; this model's query_pre_attn_scalar differs"
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        return "llama.cpp's gemma3 has no logit soft-capping; this model sets it"
+    return None
+
+
+def norm_shifted(get: Callable[[], torch.Tensor], offset: float) -> torch.Tensor:
+    """A norm weight as llama.cpp's converter stores it for gemma: offset + w."""
+    return get().float() + offset
 
 
 def llama3_rope_factors(head_dim: int, params: dict) -> np.ndarray:
@@ -301,10 +324,12 @@ def hf_metadata(config: Any, tok_dir: Path, arch: str, ftype: int, name: str) ->
     pre = pre_tokenizer_name(tj)
     special = gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens))
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = archs.head_dim(config)
     rope = rope_parameters(config)
     if rope["rope_type"] not in ("default", "linear", "llama3"):
         raise LrdError(f"GGUF export does not support rope type '{rope['rope_type']}' yet")
+    extra = archs.get(config).gguf_extra
+    window = getattr(config, "sliding_window", None) if "sliding_window" in extra else None
 
     def fill(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
@@ -317,8 +342,13 @@ def hf_metadata(config: Any, tok_dir: Path, arch: str, ftype: int, name: str) ->
         w.add_head_count_kv(config.num_key_value_heads)
         w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         w.add_rope_freq_base(float(rope["rope_theta"]))
-        w.add_rope_dimension_count(head_dim)
-        if head_dim * heads != config.hidden_size:
+        w.add_rope_dimension_count(archs.rotary_dim(config))
+        if "swa_rope" in extra:
+            w.add_float32(gguf.Keys.Rope.FREQ_BASE_SWA.format(arch=arch),
+                          float(archs.rope_for(config, "sliding_attention")["rope_theta"]))
+        if window:
+            w.add_sliding_window(int(window))
+        if head_dim * heads != config.hidden_size or config.model_type == "gemma3_text":
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         if rope["rope_type"] == "linear":
@@ -473,7 +503,7 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
         config = AutoConfig.from_pretrained(str(path))
     except Exception as e:
         raise LrdError(f"cannot read {path / 'config.json'}: {e}") from None
-    arch = gguf_arch(config.model_type)
+    arch = _checked_arch(config)
     tmap = name_map(arch, config.num_hidden_layers)
     get = ArtifactTensors(path, manifest)
     formats = [e["q_format"] or dtype for e in linears.values()]
@@ -516,7 +546,7 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
             kind = np_dtype if two_d else np.dtype(np.float32)
             qtype = (QT.F16 if kind == np.float16 else QT.F32)
             untouched.append(TensorOut(gguf_name(tmap, hf_name), qtype, shape,
-                                       partial(_float, partial(get, hf_name), kind, heads)))
+                                       partial(_float, _getter(get, hf_name, config), kind, heads)))
         untouched += _rope_tensors(config, head_dim=getattr(config, "head_dim", None))
         fill, pre = hf_metadata(config, path, arch, ftype, _model_name(path))
         meta_from = "written from config.json and tokenizer.json"
@@ -644,6 +674,23 @@ def _merged(get: Any, name: str, fmt: str | None, np_dtype: np.dtype, heads: int
     return permute(a, heads)
 
 
+def _checked_arch(config: Any) -> str:
+    """general.architecture for CONFIG, after checking llama.cpp's graph can run it as transformers does."""
+    arch = gguf_arch(config.model_type)
+    problem = arch_problem(config)
+    if problem is not None:
+        raise LrdError(f"GGUF export: {problem}")
+    return arch
+
+
+def _getter(get: Callable[[str], torch.Tensor], hf_name: str, config: Any) -> Callable[[], torch.Tensor]:
+    """A producer of HF_NAME's values as the GGUF stores them (gemma's norms as 1 + w)."""
+    offset = archs.get(config).norm_offset
+    if offset and hf_name.endswith("norm.weight"):
+        return partial(norm_shifted, partial(get, hf_name), offset)
+    return partial(get, hf_name)
+
+
 def _rope_tensors(config: Any, head_dim: int | None) -> list[TensorOut]:
     """llama.cpp keeps Llama 3.1's rope scaling as a tensor of per-frequency divisors."""
     rope = rope_parameters(config)
@@ -676,7 +723,7 @@ def _export_model(source: str, tmp: Path, np_dtype: np.dtype, dtype: str) -> dic
     from lrdeploy.compressor.sources import open_source, read_gguf_index
 
     src = open_source(source)
-    arch = gguf_arch(src.config.model_type)
+    arch = _checked_arch(src.config)
     ftype = int(FILE_TYPES[dtype])
     if src.kind == "gguf":
         garch, stored = read_gguf_index(src.path)
@@ -700,7 +747,7 @@ def _export_model(source: str, tmp: Path, np_dtype: np.dtype, dtype: str) -> dic
             qtype = QT.F16 if kind == np.float16 else QT.F32
             heads = qk_heads(name, src.config, arch)
             tensors.append(TensorOut(gguf_name(tmap, name), qtype, shapes[name],
-                                     partial(_float, partial(src.tensor, name), kind, heads)))
+                                     partial(_float, _getter(src.tensor, name, src.config), kind, heads)))
         tensors += _rope_tensors(src.config, getattr(src.config, "head_dim", None))
         fill, pre = hf_metadata(src.config, src.path, arch, ftype, _model_name(src.path))
         meta_from = "written from config.json and tokenizer.json"

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lrdeploy.compressor import arch as archs
 from lrdeploy.errors import LrdError
 from lrdeploy.io import output_lock, replace_dir
 
@@ -55,7 +56,8 @@ NBITS_FORMATS: dict[str, tuple[int, int, bool]] = {
     "q4_0": (4, 0, False),
     "q8_0": (8, 1, False),
 }
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# transformers' activation names -> the registry's
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -235,9 +237,10 @@ def nbits_dequant(w: NBitsWeight) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The few numbers the graph needs, read from a transformers config."""
+    """The few numbers the graph needs, read from a transformers config; `family` says how a block is built."""
 
-    arch: str
+    arch: str  # the model_type
+    family: archs.Arch
     hidden: int
     layers: int
     heads: int
@@ -246,41 +249,48 @@ class DecoderShape:
     vocab: int
     eps: float
     tie: bool
-    inv_freq: np.ndarray  # float32 [head_dim / 2], exactly the torch rotary module's
-    rope_scale: float  # attention_scaling that multiplies cos and sin
+    rope: dict  # layer kind -> (inv_freq float32 [rotary_dim / 2], exactly the torch rotary module's; its scaling)
+    layer_types: tuple[str, ...]  # full_attention | sliding_attention, per layer
     sliding_window: int | None
-    qk_norm: bool
     context_length: int
+    attn_scale: float
+    rotary_dim: int
+    embed_scale: float | None
 
 
 def decoder_shape(config) -> DecoderShape:
     """Check CONFIG is a decoder this exporter covers, and read its shapes; rotary frequencies come from torch."""
-    from lrdeploy.compressor.model import rotary, skeleton
+    from lrdeploy.compressor.model import embed_scale, rotary, skeleton
 
     arch = getattr(config, "model_type", None)
-    if arch not in SUPPORTED:
-        raise LrdError(f"ONNX export supports {', '.join(SUPPORTED)}; this model is '{arch}'")
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise LrdError(f"ONNX export supports the silu MLP only; this model uses '{act}'")
+    if arch not in archs.ARCHS:
+        raise LrdError(f"ONNX export supports {', '.join(archs.SUPPORTED)}; this model is '{arch}'")
+    family = archs.ARCHS[arch]
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if ACTIVATIONS.get(act) != family.activation:
+        raise LrdError(f"ONNX export of {arch} supports the {family.activation} MLP only; this model uses '{act}'")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rot = rotary(skeleton(config), "cpu")
-    rope_type = getattr(rot, "rope_type", "default")
-    if rope_type == "dynamic" or "dynamic" in str(rope_type):
-        raise LrdError(f"rope type '{rope_type}' depends on the sequence length; ONNX export supports static RoPE")
-    window = getattr(config, "sliding_window", None)
-    if arch == "qwen2" and not getattr(config, "use_sliding_window", False):
-        window = None
+    types = tuple(archs.layer_types(config))
+    rope = {}
+    for kind in set(types):
+        per_kind = hasattr(rot, f"{kind}_inv_freq")  # gemma3: one RoPE per layer kind
+        rope_type = rot.rope_type.get(kind) if per_kind else getattr(rot, "rope_type", "default")
+        if "dynamic" in str(rope_type):
+            raise LrdError(f"rope type '{rope_type}' depends on the sequence length; ONNX export supports static RoPE")
+        inv = getattr(rot, f"{kind}_inv_freq") if per_kind else rot.inv_freq
+        scaling = getattr(rot, f"{kind}_attention_scaling") if per_kind else getattr(rot, "attention_scaling", 1.0)
+        rope[kind] = (inv.detach().float().numpy().copy(), float(scaling))
+    window = getattr(config, "sliding_window", None) if "sliding_attention" in types else None
     ctx = int(getattr(config, "max_position_embeddings", 0) or 4096)
     if window is not None and window >= ctx:
         window = None
     return DecoderShape(
-        arch=arch, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, vocab=config.vocab_size, eps=float(config.rms_norm_eps),
-        tie=bool(getattr(config, "tie_word_embeddings", False)),
-        inv_freq=rot.inv_freq.detach().float().numpy().copy(), rope_scale=float(getattr(rot, "attention_scaling", 1.0)),
-        sliding_window=window, qk_norm=arch == "qwen3", context_length=ctx,
+        arch=arch, family=family, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+        kv_heads=kv_heads, head_dim=archs.head_dim(config), vocab=config.vocab_size, eps=float(config.rms_norm_eps),
+        tie=bool(getattr(config, "tie_word_embeddings", False)), rope=rope, layer_types=types,
+        sliding_window=window, context_length=ctx, attn_scale=archs.attention_scale(config),
+        rotary_dim=archs.rotary_dim(config), embed_scale=embed_scale(config),
     )
 
 
@@ -416,17 +426,22 @@ class Graph:
         self._data.close()
 
 
-def _rms_norm(g: Graph, x: str, weight: str, eps: float) -> str:
-    """transformers' RMSNorm: in float32, x·rsqrt(mean(x²) + eps), then times the weight in the model dtype."""
+def _rms_norm(g: Graph, x: str, w: Weights, name: str, s: DecoderShape) -> str:
+    """transformers' RMSNorm: in float32, x·rsqrt(mean(x²) + eps), then times the weight NAME in the model dtype;
+    gemma's multiplies by (1 + w) in float32 before the cast."""
     from onnx import TensorProto
 
     half = g.dtype == np.float16
     xf = g.op("Cast", x, to=TensorProto.FLOAT) if half else x
     var = g.op("ReduceMean", g.op("Pow", xf, g.const(2.0, np.float32)), axes=[-1], keepdims=1)
-    y = g.op("Div", xf, g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
+    y = g.op("Div", xf, g.op("Sqrt", g.op("Add", var, g.const(s.eps, np.float32))))
+    offset = s.family.norm_offset
+    if offset:
+        y = g.op("Mul", y, g.init(name, (w.tensor(name) + np.float32(offset)).astype(np.float32)))
+        return g.op("Cast", y, to=TensorProto.FLOAT16) if half else y
     if half:
         y = g.op("Cast", y, to=TensorProto.FLOAT16)
-    return g.op("Mul", y, weight)
+    return g.op("Mul", y, g.float(w.tensor(name), name))
 
 
 def fuse_linears(ws: list[LinearWeights]) -> LinearWeights | None:
@@ -514,11 +529,23 @@ def _linear(g: Graph, x: str, w: LinearWeights, name: str) -> str:
     return y
 
 
-def _rotate(g: Graph, x: str, cos: str, sin: str, half_dim: int) -> str:
-    """x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] (the non-interleaved RoPE of llama and qwen2)."""
-    x1, x2 = g.op("Split", x, g.const([half_dim, half_dim]), axis=-1, outputs=2)
+def _rotate(g: Graph, x: str, cos: str, sin: str, rot: int, dim: int) -> str:
+    """x·cos + rotate_half(x)·sin, rotate_half(x) = [−x₂, x₁] (the non-interleaved RoPE of llama and qwen2), on the
+    first ROT of DIM dims; the rest pass through (phi3's partial rotary)."""
+    rest = None
+    if rot < dim:
+        x, rest = g.op("Split", x, g.const([rot, dim - rot]), axis=-1, outputs=2)
+    x1, x2 = g.op("Split", x, g.const([rot // 2, rot // 2]), axis=-1, outputs=2)
     rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+    y = g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+    return y if rest is None else g.op("Concat", y, rest, axis=-1)
+
+
+def _gelu_tanh(g: Graph, x: str) -> str:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): torch's gelu(approximate='tanh')."""
+    c = g.const(math.sqrt(2.0 / math.pi), g.dtype)
+    inner = g.op("Mul", c, g.op("Add", x, g.op("Mul", g.const(0.044715, g.dtype), g.op("Mul", x, g.op("Mul", x, x)))))
+    return g.op("Mul", g.op("Mul", g.const(0.5, g.dtype), x), g.op("Add", g.const(1.0, g.dtype), g.op("Tanh", inner)))
 
 
 def _io(name: str, elem: int, dims: list) -> object:
@@ -532,8 +559,7 @@ def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
     from onnx import TensorProto, helper
 
     f = g.onnx_dtype
-    D, H, KV = s.head_dim, s.heads, s.kv_heads
-    G = H // KV
+    D, KV = s.head_dim, s.kv_heads
     inputs = [
         _io("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         _io("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
@@ -547,70 +573,16 @@ def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
 
     embed = g.float(w.tensor("model.embed_tokens.weight"), "model.embed_tokens.weight")
     x = g.op("Gather", embed, "input_ids", axis=0)
-
-    # RoPE tables for these positions, computed as the torch module does: float32 products, then cos/sin
-    pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1]))
-    freqs = g.op("Mul", pos, g.const(s.inv_freq, np.float32))
-    emb = g.op("Concat", freqs, freqs, axis=-1)
-    cos, sin = g.op("Cos", emb), g.op("Sin", emb)
-    if s.rope_scale != 1.0:
-        cos, sin = (g.op("Mul", t, g.const(s.rope_scale, np.float32)) for t in (cos, sin))
-    if f == TensorProto.FLOAT16:
-        cos, sin = (g.op("Cast", t, to=f) for t in (cos, sin))
-    cos, sin = (g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))  # [B, 1, S, D]
-
-    # additive mask [B, 1, G·S, T]: causal over absolute positions, padding from attention_mask, rows per group
-    seq = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), g.const([0]))
-    total = g.op("Squeeze", g.op("Shape", "attention_mask", start=1, end=2), g.const([0]))
-    past = g.op("Sub", total, seq)
-    q_pos = g.op("Unsqueeze", g.op("Range", past, total, g.const(1)), g.const([-1]))  # [S, 1]
-    k_pos = g.op("Range", g.const(0), total, g.const(1))  # [T]
-    allowed = g.op("LessOrEqual", k_pos, q_pos)
-    if s.sliding_window is not None:
-        allowed = g.op("And", allowed, g.op("Greater", k_pos, g.op("Sub", q_pos, g.const(s.sliding_window))))
-    keep = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.const([1, 2])), to=TensorProto.BOOL)  # [B,1,1,T]
-    allowed = g.op("And", allowed, keep)  # [B, 1, S, T]
-    neg = float(np.finfo(np.float32).min)
-    mask = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
-    if G > 1:
-        mask = g.op("Tile", mask, g.const([1, 1, G, 1]))
-
-    scale = g.const(1.0 / math.sqrt(D), g.dtype)
+    if s.embed_scale is not None:
+        x = g.op("Mul", x, g.const(s.embed_scale, g.dtype))
+    tables = _rope_tables(g, s)
+    masks = _masks(g, s)
+    scale = g.const(s.attn_scale, g.dtype)
     for i in range(s.layers):
-        p = f"model.layers.{i}."
-        h = _rms_norm(g, x, g.float(w.tensor(p + "input_layernorm.weight"), p + "input_layernorm.weight"), s.eps)
-        heads = {}
-        names = [f"{p}self_attn.{proj}_proj" for proj in "qkv"]
-        qkv = _linears(g, h, [w.linear(n) for n in names], names, fuse)
-        for proj, n, t in zip("qkv", (H, KV, KV), qkv, strict=True):
-            t = g.op("Reshape", t, g.const([0, 0, n, D]))  # [B, S, n, D]
-            if s.qk_norm and proj in ("q", "k"):
-                nw = p + f"self_attn.{proj}_norm.weight"
-                t = _rms_norm(g, t, g.float(w.tensor(nw), nw), s.eps)
-            t = g.op("Transpose", t, perm=[0, 2, 1, 3])  # [B, n, S, D]
-            if proj != "v":
-                t = _rotate(g, t, cos, sin, D // 2)
-            heads[proj] = t
-        k = g.output("Concat", f"present.{i}.key", f"past_key_values.{i}.key", heads["k"], axis=2)
-        v = g.output("Concat", f"present.{i}.value", f"past_key_values.{i}.value", heads["v"], axis=2)
-        q = g.op("Mul", g.op("Reshape", heads["q"], g.const([0, KV, -1, D])), scale)  # [B, KV, G·S, D]
-        scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B, KV, G·S, T]
-        if f == TensorProto.FLOAT16:
-            scores = g.op("Cast", scores, to=TensorProto.FLOAT)
-        probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
-        if f == TensorProto.FLOAT16:
-            probs = g.op("Cast", probs, to=f)
-        ctx = g.op("Reshape", g.op("MatMul", probs, v), g.const([0, H, -1, D]))  # [B, H, S, D]
-        ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
-        x = g.op("Add", x, _linear(g, ctx, w.linear(p + "self_attn.o_proj"), p + "self_attn.o_proj"))
-        nw = p + "post_attention_layernorm.weight"
-        h = _rms_norm(g, x, g.float(w.tensor(nw), nw), s.eps)
-        names = [p + "mlp.gate_proj", p + "mlp.up_proj"]
-        gate, up = _linears(g, h, [w.linear(n) for n in names], names, fuse)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        x = g.op("Add", x, _linear(g, act, w.linear(p + "mlp.down_proj"), p + "mlp.down_proj"))
+        kind = s.layer_types[i]
+        x = _block(g, s, w, f"model.layers.{i}.", i, x, tables[kind], masks[kind], scale, fuse)
 
-    x = _rms_norm(g, x, g.float(w.tensor("model.norm.weight"), "model.norm.weight"), s.eps)
+    x = _rms_norm(g, x, w, "model.norm.weight", s)
     head = embed if s.tie or not w.has("lm_head.weight") else g.float(w.tensor("lm_head.weight"), "lm_head.weight")
     flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, s.hidden])), head, transB=1)
     out_shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([s.vocab]), axis=0)
@@ -620,6 +592,99 @@ def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = IR_VERSION
     return model
+
+
+def _rope_tables(g: Graph, s: DecoderShape) -> dict[str, tuple[str, str]]:
+    """cos and sin [B, 1, S, rotary_dim] per layer kind, computed as the torch module does: float32 products, then
+    cos/sin, times the rope's attention scaling."""
+    from onnx import TensorProto
+
+    pos = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.const([-1]))
+    tables = {}
+    for kind, (inv_freq, rope_scale) in sorted(s.rope.items()):
+        freqs = g.op("Mul", pos, g.const(inv_freq, np.float32))
+        emb = g.op("Concat", freqs, freqs, axis=-1)
+        cos, sin = g.op("Cos", emb), g.op("Sin", emb)
+        if rope_scale != 1.0:
+            cos, sin = (g.op("Mul", t, g.const(rope_scale, np.float32)) for t in (cos, sin))
+        if g.onnx_dtype == TensorProto.FLOAT16:
+            cos, sin = (g.op("Cast", t, to=TensorProto.FLOAT16) for t in (cos, sin))
+        tables[kind] = tuple(g.op("Unsqueeze", t, g.const([1])) for t in (cos, sin))
+    return tables
+
+
+def _masks(g: Graph, s: DecoderShape) -> dict[str, str]:
+    """Additive masks [B, 1, G·S, T] per layer kind: causal over absolute positions (and within the sliding window
+    for sliding layers), padding from attention_mask, rows repeated per query group."""
+    from onnx import TensorProto
+
+    seq = g.op("Squeeze", g.op("Shape", "input_ids", start=1, end=2), g.const([0]))
+    total = g.op("Squeeze", g.op("Shape", "attention_mask", start=1, end=2), g.const([0]))
+    past = g.op("Sub", total, seq)
+    q_pos = g.op("Unsqueeze", g.op("Range", past, total, g.const(1)), g.const([-1]))  # [S, 1]
+    k_pos = g.op("Range", g.const(0), total, g.const(1))  # [T]
+    causal = g.op("LessOrEqual", k_pos, q_pos)
+    keep = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.const([1, 2])), to=TensorProto.BOOL)  # [B,1,1,T]
+    neg = float(np.finfo(np.float32).min)
+    groups = s.heads // s.kv_heads
+    masks = {}
+    for kind in sorted(set(s.layer_types)):
+        allowed = causal
+        if kind == "sliding_attention" and s.sliding_window is not None:
+            allowed = g.op("And", allowed, g.op("Greater", k_pos, g.op("Sub", q_pos, g.const(s.sliding_window))))
+        allowed = g.op("And", allowed, keep)  # [B, 1, S, T]
+        mask = g.op("Where", allowed, g.const(0.0, np.float32), g.const(neg, np.float32))
+        masks[kind] = g.op("Tile", mask, g.const([1, 1, groups, 1])) if groups > 1 else mask
+    return masks
+
+
+def _block(g: Graph, s: DecoderShape, w: Weights, p: str, i: int, x: str, rope: tuple[str, str], mask: str,
+           scale: str, fuse: bool) -> str:
+    """One decoder block as the registry describes it: pre-norms, optional sandwich norms, fused or separate
+    q/k/v and gate/up, q/k norms, partial RoPE, the family's activation."""
+    from onnx import TensorProto
+
+    fam, f = s.family, g.onnx_dtype
+    D, H, KV = s.head_dim, s.heads, s.kv_heads
+    cos, sin = rope
+    h = _rms_norm(g, x, w, p + fam.attn_norm + ".weight", s)
+    names = [p + n for n in fam.attn_in]
+    qkv = _linears(g, h, [w.linear(n) for n in names], names, fuse)
+    if fam.fused_qkv:
+        qkv = g.op("Split", qkv[0], g.const([H * D, KV * D, KV * D]), axis=-1, outputs=3)
+    heads = {}
+    for proj, n, t in zip("qkv", (H, KV, KV), qkv, strict=True):
+        t = g.op("Reshape", t, g.const([0, 0, n, D]))  # [B, S, n, D]
+        if fam.qk_norm and proj in ("q", "k"):
+            t = _rms_norm(g, t, w, p + f"self_attn.{proj}_norm.weight", s)
+        t = g.op("Transpose", t, perm=[0, 2, 1, 3])  # [B, n, S, D]
+        if proj != "v":
+            t = _rotate(g, t, cos, sin, s.rotary_dim, D)
+        heads[proj] = t
+    k = g.output("Concat", f"present.{i}.key", f"past_key_values.{i}.key", heads["k"], axis=2)
+    v = g.output("Concat", f"present.{i}.value", f"past_key_values.{i}.value", heads["v"], axis=2)
+    q = g.op("Mul", g.op("Reshape", heads["q"], g.const([0, KV, -1, D])), scale)  # [B, KV, G·S, D]
+    scores = g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B, KV, G·S, T]
+    if f == TensorProto.FLOAT16:
+        scores = g.op("Cast", scores, to=TensorProto.FLOAT)
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+    if f == TensorProto.FLOAT16:
+        probs = g.op("Cast", probs, to=f)
+    ctx = g.op("Reshape", g.op("MatMul", probs, v), g.const([0, H, -1, D]))  # [B, H, S, D]
+    ctx = g.op("Reshape", g.op("Transpose", ctx, perm=[0, 2, 1, 3]), g.const([0, 0, H * D]))
+    attn = _linear(g, ctx, w.linear(p + archs.O_PROJ), p + archs.O_PROJ)
+    if fam.post_attn_norm:
+        attn = _rms_norm(g, attn, w, p + fam.post_attn_norm + ".weight", s)
+    x = g.op("Add", x, attn)
+    h = _rms_norm(g, x, w, p + fam.mlp_norm + ".weight", s)
+    names = [p + n for n in fam.mlp_in]
+    gate_up = _linears(g, h, [w.linear(n) for n in names], names, fuse)
+    gate, up = g.op("Split", gate_up[0], axis=-1, outputs=2) if fam.fused_gate_up else gate_up
+    act = _gelu_tanh(g, gate) if fam.activation == "gelu_tanh" else g.op("Mul", gate, g.op("Sigmoid", gate))
+    mlp = _linear(g, g.op("Mul", act, up), w.linear(p + archs.DOWN), p + archs.DOWN)
+    if fam.post_mlp_norm:
+        mlp = _rms_norm(g, mlp, w, p + fam.post_mlp_norm + ".weight", s)
+    return g.op("Add", x, mlp)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

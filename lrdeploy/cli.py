@@ -100,7 +100,8 @@ def compress(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
 ) -> None:
     """Compress SOURCE layer by layer into an artifact (manifest + safetensors)."""
-    from lrdeploy.compressor.driver import LINEARS, CompressOptions
+    from lrdeploy.compressor import arch as archs
+    from lrdeploy.compressor.driver import CompressOptions
     from lrdeploy.compressor.driver import compress as run
     from lrdeploy.compressor.sources import open_source
 
@@ -118,7 +119,7 @@ def compress(
     opts.resolved()
     src = open_source(source)
     with _progress(quiet or as_json) as bar:
-        task = bar.add_task("compressing", total=src.n_layers * len(LINEARS))
+        task = bar.add_task("compressing", total=src.n_layers * len(archs.get(src.config).linears))
         try:
             with ctrl_c_wins():
                 result = run(src, opts, output, resume=resume, force=force,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from lrdeploy.errors import LrdError
 
-LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# attn_qkv: phi3's fused q, k and v; its ffn_up holds gate and up
+LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 LORA_SUFFIXES = (".lora_a", ".lora_b")
 
 

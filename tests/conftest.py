@@ -49,6 +49,19 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """gemma3_text from a real config's features (random_model.FAMILY): 6 layers, the last one global."""
+    return make_random_model(tmp_path_factory.mktemp("tiny") / "gemma3", arch="gemma3_text", layers=6, tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    """phi3: fused qkv_proj and gate_up_proj, untied head. The folder's name becomes the GGUF's general.name, and
+    llama.cpp looks up Phi-3's own <|end|> token for a model named phi3, which the SmolLM2 tokenizer lacks."""
+    return make_random_model(tmp_path_factory.mktemp("tiny") / "fused", arch="phi3", layers=2, tie=False)
+
+
+@pytest.fixture(scope="session")
 def calib_text() -> str:
     """Real text: the WikiText-2 validation split shipped in tools/data."""
     return str(WIKITEXT)

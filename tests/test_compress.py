@@ -13,7 +13,8 @@ from interrupt import signal_after_first_block
 
 from lrdeploy.artifact import QLRLinear, load_artifact, read_manifest
 from lrdeploy.compressor import grids
-from lrdeploy.compressor.driver import LINEARS, CompressOptions, compress
+from lrdeploy.compressor.arch import LLAMA
+from lrdeploy.compressor.driver import CompressOptions, compress
 from lrdeploy.compressor.sources import open_source
 from lrdeploy.errors import LrdError
 
@@ -33,7 +34,8 @@ def test_compress_caldera_artifact_roundtrip(tiny_llama, calib_text, tmp_path, c
     # the default preset on a 256-wide model is q2: k_proj and v_proj one grid up (q4_k), the rest q2_k
     assert m["options"]["preset"] == "q2"
     assert {k: v["q_format"] for k, v in m["linears"].items() if "layers.0." in k} == {
-        f"model.layers.0.{n}": "q4_k" if n in ("self_attn.k_proj", "self_attn.v_proj") else "q2_k" for n in LINEARS}
+        f"model.layers.0.{n}": "q4_k" if n in ("self_attn.k_proj", "self_attn.v_proj") else "q2_k"
+        for n in LLAMA.linears}
     # bpw is recomputed from the stored bytes: Q (q2_k: 84 bytes per 256, q4_k: 144) + L, R (q4_0), scales included
     params = sum(v["shape"][0] * v["shape"][1] for v in m["linears"].values())
     expected_bytes = 0

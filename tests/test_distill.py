@@ -16,8 +16,9 @@ from lrdeploy.artifact import load_artifact, read_manifest
 from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
+from lrdeploy.compressor.arch import LLAMA
 from lrdeploy.compressor.driver import CompressOptions, compress
-from lrdeploy.compressor.model import LINEARS, block_context
+from lrdeploy.compressor.model import BlockContext
 from lrdeploy.compressor.sources import open_source
 
 FAST = ["--calib-tokens", "512", "--seq-len", "64", "--calib-range", "0:0.1", "-q", "--device", "cpu"]
@@ -54,7 +55,7 @@ def test_training_one_block_leaves_teacher_and_other_blocks_identical(tiny_llama
     students = []
     for block in teacher.model.layers:
         factors = {}
-        for name in LINEARS:
+        for name in LLAMA.linears:
             W = block.get_submodule(name).weight.detach()
             L, R = dec.svd_lowrank(W, 32)
             factors[name] = (None, L, R, None)
@@ -64,7 +65,7 @@ def test_training_one_block_leaves_teacher_and_other_blocks_identical(tiny_llama
     target = students[1]
     trained_before = _state(target)
 
-    ctx = block_context(teacher, x, teacher.model.rotary_emb)
+    ctx = BlockContext(teacher, x, teacher.model.rotary_emb)[1]
     with torch.no_grad():
         y = teacher.model.layers[1](x, **ctx)
     history = dst.train_block(target, [x, x * 1.01], y, ctx, steps=3, lr=1e-3, batch=2, seed=0)

@@ -11,7 +11,7 @@ from test_decompose import correlated_h
 
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import grids, lattice
-from lrdeploy.compressor.driver import block_context, collect_h, materialize, rotary
+from lrdeploy.compressor.driver import BlockContext, collect_h, materialize, rotary
 from lrdeploy.compressor.model import layer_prefix, skeleton
 from lrdeploy.compressor.sources import open_source
 from lrdeploy.compressor.text import load_text, tokenize
@@ -68,7 +68,7 @@ def test_ldlq_beats_rtn_on_a_real_layer():
     model = skeleton(src.config)
     ids = tokenize(src.tokenizer(), load_text(None, "0:0.05"))[: 4 * 128].view(4, 128)
     x = src.tensor("model.embed_tokens.weight").float()[ids]
-    ctx = block_context(model, x, rotary(model, torch.device("cpu")))
+    ctx = BlockContext(model, x, rotary(model, torch.device("cpu")))[0]
     block = materialize(model.model.layers[0], layer_prefix(0), src.tensor, torch.device("cpu"))
     H = collect_h(block, ("mlp.down_proj",), x, ctx, 4)["mlp.down_proj"]
     W = block.mlp.down_proj.weight.detach().float()

