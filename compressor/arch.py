@@ -10,7 +10,7 @@ Every other module asks `get(config)` (or `get_type(model_type)`) instead of kee
   per layer type and the attention scale;
 - the GGUF side: llama.cpp's architecture name (tensor names come from gguf-py's TensorNameMap for it), whether its
   converter permutes q/k rows, and what the metadata must say beyond the common keys;
-- whether the compressor's fast staged H path (driver.staged_h) is valid for the block. The hook path, which
+- whether the compressor's fast staged H path (hcollect.staged_h) is valid for the block. The hook path, which
   records what each linear really receives, is the reference; the staged path is a shortcut for llama-shaped
   blocks only, and tests hold it equal to the hook path per architecture.
 
@@ -49,7 +49,7 @@ class Arch:
     embed_scale: bool = False  # embeddings are multiplied by √hidden
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
     permute_qk: bool = False  # llama.cpp's converter interleaves the rotary halves of q/k rows
-    staged_h: bool = True  # driver.staged_h computes this block's H exactly (tested per architecture)
+    staged_h: bool = True  # hcollect.staged_h computes this block's H exactly (tested per architecture)
     rotatable: bool = True  # compressor/rotate.py can fold an orthogonal change of basis into it
     gguf_extra: tuple[str, ...] = field(default_factory=tuple)  # extra metadata: "sliding_window", "swa_rope"
 

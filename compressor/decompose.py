@@ -316,3 +316,21 @@ def decompose(
     d = Decomposition(Q, LR, 0.0)
     d.error = rel_error(d.values(tuple(W.shape), W.device), W, fac.H)
     return d
+
+
+def linear_tensors(full: str, d: Decomposition, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The artifact tensors of one compressed linear."""
+    out: dict[str, torch.Tensor] = {}
+    if d.Q is not None:
+        out[f"{full}.q"] = d.Q.raw.cpu().contiguous()
+    if d.LR is not None:
+        for key, part in (("lora_l", d.LR.L), ("lora_r", d.LR.R)):
+            out[f"{full}.{key}"] = (part.values.half() if part.raw is None else part.raw).cpu().contiguous()
+    if bias is not None:
+        out[f"{full}.bias"] = bias.cpu().contiguous()
+    return out
+
+
+def linear_bytes(tensors: dict[str, torch.Tensor], full: str) -> int:
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(full + ".") and
+               not k.endswith(".bias"))

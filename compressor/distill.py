@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lrdeploy.compressor import decompose as dec
+
+if TYPE_CHECKING:
+    from lrdeploy.compressor.options import CompressOptions
 
 INPUT_MODES = ("teacher", "student", "teacher+student")
 
@@ -114,3 +121,55 @@ def train_block(
 def steps_for(epochs: float, sequences: int, batch: int) -> int:
     """Optimizer steps that visit every calibration sequence EPOCHS times."""
     return max(1, math.ceil(epochs * sequences / max(1, min(batch, sequences))))
+
+
+def distill_block(teacher: nn.Module, prefix: str, parts: dict[str, tuple[dec.Decomposition, torch.Tensor]],
+                   tensors: dict[str, torch.Tensor], records: dict[str, dict], o: CompressOptions,
+                   teacher_x: torch.Tensor, student_x: torch.Tensor | None, y: torch.Tensor, ctx: dict, dctx: dict,
+                   steps: int, layer: int) -> dict:
+    """Train the block's L and R against the teacher block, put them back on their grid, update TENSORS/RECORDS.
+
+    The targets Y are the teacher block's outputs on the teacher's inputs. After training, L and R go back to
+    lr_format the plain way (f16 cast, or RTN weighted by the diagonal of the H each one's error sees). The
+    re-quantized block is kept only if its calibration loss (summed over the input modes) is lower than before
+    training, so a short or too-hot run never makes a block worse than its initialization ("kept" says which).
+    """
+    t0 = time.perf_counter()
+    modes = o.distill_modes()
+    factors = {}
+    for name, (d, _) in parts.items():
+        bias = teacher.get_submodule(name).bias
+        bias = None if bias is None else bias.detach()
+        factors[name] = (None if d.Q is None else d.Q.values, d.LR.L.values, d.LR.R.values, bias)
+    student = trainable_block(teacher, factors)
+    inputs = {"teacher": teacher_x, "student": student_x}
+    before = {m: block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
+    history = train_block(student, [inputs[m] for m in modes], y, dctx, steps, o.distill_lr, o.distill_batch,
+                              seed=o.seed * 1_000_003 + layer)
+    trained_tensors: dict[str, torch.Tensor] = {}
+    trained_records: dict[str, dict] = {}
+    for name, (d, H) in parts.items():
+        full = prefix + name
+        m = student.get_submodule(name)
+        m_teacher = teacher.get_submodule(name)
+        W, bias = m_teacher.weight.detach(), None if m_teacher.bias is None else m_teacher.bias.detach()
+        R = dec.quantize_factor(m.R.detach(), o.lr_format, torch.diagonal(H))
+        L = dec.quantize_factor(m.L.detach(), o.lr_format, torch.diagonal(R.values @ H @ R.values.T))
+        new = dec.Decomposition(d.Q, dec.LowRank(L, R), 0.0)
+        new.error = dec.rel_error(new.values(tuple(W.shape), W.device), W, H)
+        with torch.no_grad():
+            m.L.copy_(L.values)
+            m.R.copy_(R.values)
+        part = dec.linear_tensors(full, new, bias)
+        trained_tensors.update(part)
+        trained_records[full] = {"error": new.error, "bytes": dec.linear_bytes(part, full)}
+        records[full]["error_init"] = d.error
+    after = {m: block_loss(student, inputs[m], y, ctx, o.batch_size) for m in modes}
+    kept = sum(after.values()) < sum(before.values())
+    if kept:
+        tensors.update(trained_tensors)
+        for full, rec in trained_records.items():
+            records[full].update(rec)
+    return {"layer": layer, "steps": steps, "kept": kept, "loss_before": before, "loss_after": after,
+            "train_loss_first": history[0] if history else None, "train_loss_last": history[-1] if history else None,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -30,11 +30,11 @@ from lrdeploy.compressor import grids
 from lrdeploy.compressor.embeddings import EMBED, HEAD
 from lrdeploy.compressor.sources import permute_rows
 from lrdeploy.errors import LrdError
-from lrdeploy.io import atomic_write_json, output_lock, replace_dir
+from lrdeploy.files import GGUF_ADAPTER as ADAPTER
+from lrdeploy.files import GGUF_BASE as BASE
+from lrdeploy.files import GGUF_SUMMARY as SUMMARY
+from lrdeploy.io import atomic_write_json, output_lock, staged_output
 
-BASE = "model.gguf"
-ADAPTER = "adapter.gguf"
-SUMMARY = "export.json"
 QT = gguf.GGMLQuantizationType
 FLOATS: dict[str, tuple[np.dtype, QT]] = {
     "f32": (np.dtype(np.float32), QT.F32),
@@ -459,21 +459,13 @@ def export_gguf(source: str, out_dir: Path, *, dtype: str = "f16", merge: bool =
             raise LrdError(f"{src_path} is neither an lrdeploy artifact nor a model directory")
         if not artifact and merge:
             raise LrdError("--merge applies to compressed artifacts only")
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        try:
+        with staged_output(out_dir, force) as tmp:
             if artifact:
                 summary = _export_artifact(src_path, tmp, FLOATS[dtype][0], dtype, merge)
             else:
                 summary = _export_model(source, tmp, FLOATS[dtype][0], dtype)
             summary["output"] = str(out_dir)
             atomic_write_json(tmp / SUMMARY, summary)
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     summary["message"] = _message(summary, out_dir)
     return summary
 

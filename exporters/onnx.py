@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,14 +35,14 @@ import torch
 
 from lrdeploy.compressor import arch as archs
 from lrdeploy.errors import LrdError
-from lrdeploy.io import output_lock, replace_dir
+from lrdeploy.files import ONNX_DATA as DATA_FILE
+from lrdeploy.files import ONNX_META as META_FILE
+from lrdeploy.files import ONNX_MODEL as MODEL_FILE
+from lrdeploy.io import output_lock, staged_output
 
 OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
 MS_DOMAIN = "com.microsoft"
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-META_FILE = "lrdeploy_onnx.json"
 META_FORMAT = "lrdeploy-onnx"
 INLINE_LIMIT = 1 << 30  # weights below this many bytes live inside model.onnx; above, in model.onnx.data
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -814,11 +813,7 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
         raise LrdError(f"{out} already exists; pass --force to overwrite it")
     config, weights, tokenizer, manifest = _open_weights(source, zero_points)
     shape = decoder_shape(config)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(out, force) as tmp:
         g = Graph(tmp / DATA_FILE, DTYPES[dtype], accuracy_level)
         try:
             model = build_decoder(g, shape, weights, fuse)
@@ -849,10 +844,6 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
             "model_bytes": sum(v for k, v in files.items() if k.startswith(MODEL_FILE)),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - t0
     iq = f" ({counts['iquant_8bit']} i-quants as exact 8-bit codes)" if counts["iquant_8bit"] else ""
     what = (f"{counts['matmulnbits']} linears as MatMulNBits{iq}, {counts['lowrank']} with L·R, artifact bpw "

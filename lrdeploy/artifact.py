@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrdeploy.errors import LrdError
+from lrdeploy.files import MANIFEST, WEIGHTS  # noqa: F401 - the artifact's file names, re-exported
 
-MANIFEST = "lrdeploy.json"
-WEIGHTS = "model.safetensors"
 FORMAT = "lrdeploy-artifact"
 VERSION = 1
 

@@ -129,7 +129,7 @@ def compress(
             err.print(f"interrupted; finished layers are kept. Resume with: {_resume_command()}", soft_wrap=True)
             raise typer.Exit(130) from None
         except OSError as e:  # a full disk or a failed write: the driver tidied OUTPUT.partial under its lock
-            from lrdeploy.compressor.driver import finished_layers
+            from lrdeploy.compressor.rundir import finished_layers
 
             bar.stop()
             done = finished_layers(output)

@@ -130,6 +130,31 @@ def replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def partial_dir(out: Path) -> Path:
+    """OUT.partial: where OUT is built before it is moved into place."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """OUT written whole or not at all: yields a fresh OUT.partial, moved to OUT when the block ends normally and
+    removed on any failure. An existing OUT is an error unless FORCE; it is replaced only at the last moment."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise LrdError(f"{out} already exists; pass --force to overwrite it")
+    tmp = partial_dir(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def lock_path(out: Path) -> Path:
     """OUT.lock: beside OUT and OUT.partial, so it is never part of the finished output and survives a --resume."""
     out = Path(out)

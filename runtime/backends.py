@@ -1,4 +1,5 @@
-"""One interface over the runtimes: `.tokenizer`, `.logits(ids) -> (len, vocab)` and `.bpw`."""
+"""One interface over the runtimes: `.tokenizer`, `.logits(ids) -> (len, vocab)`, `.bpw`, and the streaming
+protocol of runtime/stream.py that the bench drives (reset, prefill, decode, kv_bytes)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,76 @@ from typing import Any
 
 import torch
 
+from lrdeploy.devices import torch_device
 from lrdeploy.errors import LrdError
 from lrdeploy.runtime.llamacpp import ADAPTER, BASE
 from lrdeploy.runtime.onnxrt import MODEL_FILE
+from lrdeploy.runtime.stream import PREFILL_CHUNK, kv_bytes_per_token
 
 
 @dataclass
 class TorchBackend:
+    """A transformers model (an artifact's QLRLinear modules, or a plain source), its KV in a DynamicCache."""
+
     model: Any
     tokenizer: Any
     device: torch.device
     bpw: float | None = None
+    cache: Any = None
+    last: Any = None  # logits of the last position fed
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(ids[None].to(self.device), use_cache=False).logits[0].float().cpu()
 
+    @property
+    def kv_per_token(self) -> int:
+        from lrdeploy.compressor.arch import head_dim
 
-def torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LrdError("--device cuda was asked for but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise LrdError(f"unknown device '{device}'; choose auto, cpu or cuda")
-    return torch.device(device)
+        cfg = self.model.config
+        first = next(self.model.parameters(), None)
+        elem = first.element_size() if first is not None else 4
+        return kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg), elem)
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def reset(self, n_ctx: int) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    def prefill(self, ids: list[int]) -> None:
+        with torch.no_grad():
+            for i in range(0, len(ids), PREFILL_CHUNK):
+                self._step(torch.tensor([ids[i : i + PREFILL_CHUNK]], device=self.device))
+
+    def decode(self, n: int) -> None:
+        with torch.no_grad():
+            for _ in range(n):
+                self._step(torch.argmax(self.last).reshape(1, 1))
+        self.sync()
+
+    def _step(self, ids: torch.Tensor) -> None:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache, self.last = out.past_key_values, out.logits[0, -1]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of the key and value tensors the cache really holds (gemma3's sliding layers keep their window)."""
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if t is not None and hasattr(t, "numel"):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def close(self) -> None:
+        self.cache = None
 
 
 def detect_backend(path: str | Path, files: bool = True) -> str | None:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from lrdeploy.errors import LrdError
+from lrdeploy.files import ONNX_MODEL
 from lrdeploy.io import cache_root
+from lrdeploy.runtime.stream import PREFILL_CHUNK as CHUNK
+from lrdeploy.runtime.stream import kv_bytes_per_token
 
 BACKENDS = ("torch", "onnxruntime", "llamacpp")
-CHUNK = 512
 WARMUP_TOKENS = 32
 MIB = 1 << 20
 
@@ -117,7 +119,7 @@ def file_bpw(m: BenchModel, run: dict) -> float | None:
         return run["bpw"]
     from lrdeploy.runtime.inspect import onnx_linear_bpw, onnx_tensors
 
-    model = Path(m.path) / "model.onnx" if Path(m.path).is_dir() else Path(m.path)
+    model = Path(m.path) / ONNX_MODEL if Path(m.path).is_dir() else Path(m.path)
     return onnx_linear_bpw(onnx_tensors(model)) or run["bpw"]
 
 
@@ -140,11 +142,6 @@ def model_files(m: BenchModel) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- the pure parts
-
-
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
-    """Keys and values of every layer for one token."""
-    return 2 * layers * kv_heads * head_dim * elem_bytes
 
 
 def analytic_max_ctx(budget: float, fixed: float, per_token: float, limit: int | None) -> int:
@@ -220,119 +217,10 @@ def rss_peak() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-class TorchRunner:
-    """Artifact or model source in transformers, KV in a DynamicCache."""
-
-    def __init__(self, path: str, device: str):
-        import torch
-
-        from lrdeploy.runtime.backends import open_backend
-
-        self.torch = torch
-        be = open_backend(path, "torch", device)
-        self.model, self.tokenizer, self.bpw, self.device = be.model, be.tokenizer, be.bpw, be.device
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        first = next(self.model.parameters(), None)
-        elem = first.element_size() if first is not None else 4
-        self.kv_per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, elem)
-        self.max_positions = getattr(cfg, "max_position_embeddings", None)
-        self.cache, self.last = None, None
-
-    def reset(self, n_ctx: int) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-
-    def prefill(self, ids: list[int]) -> None:
-        with self.torch.no_grad():
-            for i in range(0, len(ids), CHUNK):
-                chunk = self.torch.tensor([ids[i : i + CHUNK]], device=self.device)
-                out = self.model(input_ids=chunk, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self.cache = out.past_key_values
-                self.last = out.logits[0, -1]
-
-    def decode(self, n: int) -> None:
-        with self.torch.no_grad():
-            for _ in range(n):
-                tok = self.torch.argmax(self.last).reshape(1, 1)
-                out = self.model(input_ids=tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-                self.cache = out.past_key_values
-                self.last = out.logits[0, -1]
-        self.sync()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def kv_bytes(self, tokens: int) -> int:
-        """Bytes of the key and value tensors the cache really holds."""
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if t is not None and hasattr(t, "numel"):
-                    total += t.numel() * t.element_size()
-        return total
-
-    def logits_fn(self, n_ctx: int):
-        from lrdeploy.runtime.backends import TorchBackend
-
-        return TorchBackend(self.model, self.tokenizer, self.device).logits
-
-    def close(self) -> None:
-        self.cache = None
-
-
-class OnnxRunner:
-    """An ONNX export in onnxruntime, KV carried between calls as arrays."""
-
-    def __init__(self, path: str, device: str, threads: int | None):
-        from lrdeploy.runtime.onnxrt import open_onnxruntime
-
-        self.dec = open_onnxruntime(Path(path), device, threads=threads)
-        self.tokenizer, self.bpw = self.dec.tokenizer, self.dec.bpw
-        io = self.dec.io
-        self.kv_per_token = kv_bytes_per_token(io.layers, io.kv_heads, io.head_dim, io.dtype().itemsize)
-        cfg = Path(path) / "config.json"
-        self.max_positions = json.loads(cfg.read_text()).get("max_position_embeddings") if cfg.is_file() else None
-        self.cache, self.start, self.last = {}, 0, None
-
-    def reset(self, n_ctx: int) -> None:
-        self.cache, self.start = self.dec.empty_cache(), 0
-
-    def prefill(self, ids: list[int]) -> None:
-        import numpy as np
-
-        for i in range(0, len(ids), CHUNK):
-            chunk = np.asarray(ids[i : i + CHUNK], np.int64)
-            logits, self.cache = self.dec.step(chunk, self.start, self.cache)
-            self.start += len(chunk)
-            self.last = logits[-1]
-
-    def decode(self, n: int) -> None:
-        import numpy as np
-
-        for _ in range(n):
-            logits, self.cache = self.dec.step(np.array([int(np.argmax(self.last))], np.int64), self.start,
-                                               self.cache)
-            self.start += 1
-            self.last = logits[-1]
-
-    def sync(self) -> None:
-        pass
-
-    def kv_bytes(self, tokens: int) -> int:
-        return sum(v.nbytes for v in self.cache.values())
-
-    def logits_fn(self, n_ctx: int):
-        return self.dec.logits
-
-    def close(self) -> None:
-        self.cache = {}
-
-
 class LlamaRunner:
-    """A GGUF (+ LoRA adapter) in llama.cpp. llama.cpp sizes its KV cache at load, so each context gets its own."""
+    """A GGUF (+ LoRA adapter) in llama.cpp, as the streaming protocol of runtime/stream.py. It is its own loader, not
+    runtime/llamacpp.py's LlamaCppBackend: llama.cpp sizes its KV cache at load, so each measured context gets a
+    context of its own, and one without per-position logits (which eval's needs and speed must not pay for)."""
 
     def __init__(self, path: str, device: str, threads: int | None):
         from lrdeploy.runtime.inspect import export_bpw
@@ -342,7 +230,7 @@ class LlamaRunner:
         self.tokenizer = _tokenizer(self.model, tok_dir)
         self.bpw = export_bpw(self.model, self.adapter)
         self.device, self.threads = device, threads
-        self.llm, self.n_ctx = None, 0
+        self.llm, self.n_ctx, self._eval = None, 0, None
         self.reset(WARMUP_TOKENS * 2)
         meta = self.llm.metadata
         arch = meta["general.architecture"]
@@ -382,17 +270,22 @@ class LlamaRunner:
         """llama.cpp's cache holds f16 keys and values for every stored token (allocated for n_ctx up front)."""
         return self.kv_per_token * tokens
 
-    def logits_fn(self, n_ctx: int):
+    def logits(self, ids):
         """Perplexity needs logits at every position: a context of its own, the speed context closed first."""
         from lrdeploy.runtime.llamacpp import open_llamacpp
 
-        self.close()
-        return open_llamacpp(self.model, self.adapter, n_ctx, self.device, n_threads=self.threads).logits
+        if self._eval is None or self._eval.n_ctx != len(ids):
+            self.close()
+            self._eval = open_llamacpp(self.model, self.adapter, len(ids), self.device, n_threads=self.threads)
+        return self._eval.logits(ids)
 
     def close(self) -> None:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+        if self._eval is not None:
+            self._eval.close()
+            self._eval = None
 
 
 def open_runner(spec: dict):
@@ -400,11 +293,15 @@ def open_runner(spec: dict):
     if backend == "torch":
         import torch
 
+        from lrdeploy.runtime.backends import open_backend
+
         if threads:
             torch.set_num_threads(threads)
-        return TorchRunner(path, device)
+        return open_backend(path, "torch", device)
     if backend == "onnxruntime":
-        return OnnxRunner(path, device, threads)
+        from lrdeploy.runtime.onnxrt import open_onnxruntime
+
+        return open_onnxruntime(Path(path), device, threads=threads)
     return LlamaRunner(path, device, threads)
 
 
@@ -458,7 +355,7 @@ def worker(spec: dict) -> dict:
 
         ids = tokenize(runner.tokenizer, load_text(spec["text"], spec.get("text_range")))
         windows = eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])
-        out["ppl"] = perplexity(runner.logits_fn(spec["ppl_ctx"]), windows).ppl
+        out["ppl"] = perplexity(runner.logits, windows).ppl
         return out
     gen = spec["gen"]
     if spec["mode"] == "check":

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from lrdeploy.errors import LrdError
+from lrdeploy.files import GGUF_ADAPTER, GGUF_BASE, ONNX_MODEL
 
 # attn_qkv: phi3's fused q, k and v; its ffn_up holds gate and up
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -376,18 +377,18 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         checks = [f"{name}: size and sha256 match the manifest" for name in checked]
         return _summary(rows, (manifest.get("summary") or {}).get("bpw"), "manifest", kind="artifact",
                         verified=checked, checks=checks)
-    model = path / "model.gguf"
+    model = path / GGUF_BASE
     if model.is_file():
-        files = [model] + [p for p in (path / "adapter.gguf",) if p.is_file()]
+        files = [model] + [p for p in (path / GGUF_ADAPTER,) if p.is_file()]
         rows = [row for f in files for row in gguf_tensors(f)]
         return _summary(rows, linear_bpw(rows), "tensors", kind="gguf export",
                         file_bytes=sum(f.stat().st_size for f in files), **_gguf_checks(files if verify else []))
-    if (path / "model.onnx").is_file():
-        files = [f for f in path.iterdir() if f.name.startswith("model.onnx")]
-        rows = onnx_tensors(path / "model.onnx", verify)
+    if (path / ONNX_MODEL).is_file():
+        files = [f for f in path.iterdir() if f.name.startswith(ONNX_MODEL)]
+        rows = onnx_tensors(path / ONNX_MODEL, verify)
         return _summary(rows, *_onnx_linears(rows, path), kind="onnx export",
                         file_bytes=sum(f.stat().st_size for f in files),
-                        **_onnx_checks(["model.onnx"] if verify else []))
+                        **_onnx_checks([ONNX_MODEL] if verify else []))
     if (path / WEIGHTS).is_file():
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")
     raise LrdError(f"{path} is neither an lrdeploy artifact ({MANIFEST}) nor an export directory (model.gguf or "

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from lrdeploy.devices import check_device
 from lrdeploy.errors import LrdError
-
-BASE = "model.gguf"
-ADAPTER = "adapter.gguf"
+from lrdeploy.files import GGUF_ADAPTER as ADAPTER
+from lrdeploy.files import GGUF_BASE as BASE
 
 
 @dataclass
@@ -104,11 +104,10 @@ def gpu_layers(device: str) -> int:
     """-1 (all layers) on a GPU build when asked or available, else 0."""
     import llama_cpp
 
+    check_device(device)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     if device == "cuda" and not gpu:
         raise LrdError("--device cuda was asked for but this llama-cpp-python build has no GPU offload")
-    if device not in ("auto", "cpu", "cuda"):
-        raise LrdError(f"unknown device '{device}'; choose auto, cpu or cuda")
     return -1 if device == "cuda" or (device == "auto" and gpu) else 0
 
 

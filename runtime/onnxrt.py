@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lrdeploy.devices import check_device
 from lrdeploy.errors import LrdError
+from lrdeploy.files import ONNX_META as META_FILE
+from lrdeploy.files import ONNX_MODEL as MODEL_FILE
+from lrdeploy.runtime.stream import PREFILL_CHUNK, kv_bytes_per_token
 
-MODEL_FILE = "model.onnx"
-META_FILE = "lrdeploy_onnx.json"
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -24,15 +26,14 @@ def providers_for(device: str) -> list[str]:
     """Execution providers for DEVICE: auto picks CUDA only where a GPU is actually present."""
     import onnxruntime as ort
 
+    check_device(device)
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available and (Path("/dev/nvidiactl").exists() or torch.cuda.is_available())
     if device == "cpu" or (device == "auto" and not has_cuda):
         return ["CPUExecutionProvider"]
-    if device in ("auto", "cuda"):
-        if not has_cuda:
-            raise LrdError("--device cuda was asked for but onnxruntime has no usable CUDAExecutionProvider here")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise LrdError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    if not has_cuda:
+        raise LrdError("--device cuda was asked for but onnxruntime has no usable CUDAExecutionProvider here")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 @dataclass
@@ -76,11 +77,45 @@ def check_decoder_io(inputs: list, outputs: list, where: object) -> DecoderIO:
 
 
 class OnnxDecoder:
-    """`.tokenizer`, `.logits(ids)` (empty cache), `.generate(ids, n_new)` (greedy, cache step by step), `.bpw`."""
+    """`.tokenizer`, `.logits(ids)` (empty cache), `.generate(ids, n_new)` (greedy, cache step by step), `.bpw`, and
+    the streaming protocol of runtime/stream.py, the KV carried between calls as arrays."""
 
-    def __init__(self, session: Any, tokenizer: Any, io: DecoderIO, bpw: float | None, device: str):
+    def __init__(self, session: Any, tokenizer: Any, io: DecoderIO, bpw: float | None, device: str,
+                 max_positions: int | None = None):
         self.session, self.tokenizer, self.io, self.bpw, self.device = session, tokenizer, io, bpw, device
+        self.max_positions = max_positions
         self._outputs = [o.name for o in session.get_outputs()]
+        self._cache: dict[str, np.ndarray] = {}
+        self._start, self._last = 0, None
+
+    @property
+    def kv_per_token(self) -> int:
+        return kv_bytes_per_token(self.io.layers, self.io.kv_heads, self.io.head_dim, self.io.dtype().itemsize)
+
+    def reset(self, n_ctx: int) -> None:
+        self._cache, self._start = self.empty_cache(), 0
+
+    def prefill(self, ids: list[int]) -> None:
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            self._advance(np.asarray(ids[i : i + PREFILL_CHUNK], np.int64))
+
+    def decode(self, n: int) -> None:
+        for _ in range(n):
+            self._advance(np.array([int(np.argmax(self._last))], np.int64))
+
+    def _advance(self, chunk: np.ndarray) -> None:
+        logits, self._cache = self.step(chunk, self._start, self._cache)
+        self._start += len(chunk)
+        self._last = logits[-1]
+
+    def sync(self) -> None:
+        pass
+
+    def kv_bytes(self, tokens: int) -> int:
+        return sum(v.nbytes for v in self._cache.values())
+
+    def close(self) -> None:
+        self._cache = {}
 
     def _feed(self, ids: np.ndarray, start: int) -> dict[str, np.ndarray]:
         n = ids.shape[-1]
@@ -198,7 +233,9 @@ def open_onnxruntime(path: Path, device: str = "auto", threads: int | None = Non
     except Exception as e:
         raise LrdError(f"cannot load the tokenizer in {folder}: {e}") from None
     used = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
-    return OnnxDecoder(session, tokenizer, io, bpw, used)
+    config = folder / "config.json"
+    limit = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+    return OnnxDecoder(session, tokenizer, io, bpw, used, limit)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -28,17 +28,9 @@ from test_export_onnx import REL, _rel_err, _torch_logits
 
 from lrdeploy.artifact import load_artifact
 from lrdeploy.compressor import arch as archs
-from lrdeploy.compressor.driver import (
-    BlockContext,
-    CompressOptions,
-    collect_h,
-    compress,
-    hook_h,
-    materialize,
-    rotary,
-    staged_h,
-)
-from lrdeploy.compressor.model import layer_prefix, load_full, skeleton
+from lrdeploy.compressor.driver import CompressOptions, compress
+from lrdeploy.compressor.hcollect import collect_h, hook_h, staged_h
+from lrdeploy.compressor.model import BlockContext, layer_prefix, load_full, materialize, rotary, skeleton
 from lrdeploy.compressor.sources import open_source
 from lrdeploy.compressor.text import eval_windows, load_text, tokenize
 from lrdeploy.errors import LrdError
@@ -315,19 +307,19 @@ def test_bench_runs_and_counts_the_cache(fixture, exported, cli):
 
     from transformers import AutoConfig
 
-    from lrdeploy.runtime.bench import OnnxRunner, TorchRunner
+    from lrdeploy.runtime.backends import TorchBackend, open_backend
 
     model, art, exp, onnx_dir = exported(fixture)
     c = AutoConfig.from_pretrained(str(art))
     per_layer = 2 * c.num_key_value_heads * archs.head_dim(c) * 4  # K and V of one token in one layer, float32
     types = archs.layer_types(c)
-    for runner in (TorchRunner(str(art), "cpu"), OnnxRunner(str(onnx_dir), "cpu", 1)):
+    for runner in (open_backend(str(art), "torch", "cpu"), open_onnxruntime(onnx_dir, "cpu", threads=1)):
         assert runner.kv_per_token == per_layer * c.num_hidden_layers
         for n in (7, 40):  # gemma3: past its 32-token window
             runner.reset(n)
             runner.prefill(list(range(10, 10 + n)))
             held = runner.kv_per_token * n  # the ONNX graph (like llama.cpp here) keeps every layer's whole cache
-            if isinstance(runner, TorchRunner) and fixture == "tiny_gemma3":  # transformers keeps window - 1 tokens
+            if isinstance(runner, TorchBackend) and fixture == "tiny_gemma3":  # transformers keeps window - 1 tokens
                 held = per_layer * sum(n if t == "full_attention" else min(n, c.sliding_window - 1) for t in types)
             assert runner.kv_bytes(n) == held, type(runner).__name__
         runner.close()

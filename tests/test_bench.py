@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from lrdeploy.errors import LrdError
+from lrdeploy.runtime.backends import open_backend
 from lrdeploy.runtime.bench import (
     BenchOptions,
-    OnnxRunner,
-    TorchRunner,
     analytic_max_ctx,
     parse_bytes,
     parse_ctx,
     search_max_ctx,
 )
 from lrdeploy.runtime.bench_report import write_report
+from lrdeploy.runtime.onnxrt import open_onnxruntime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,8 +97,8 @@ def test_report_files_and_fields(report):
 @pytest.mark.parametrize("runner_kind", ["torch", "onnxruntime"])
 def test_kv_bytes_grow_linearly_with_ctx(runner_kind, tiny_exports):
     """The cache really held (tensor bytes) is kv_per_token × tokens at every length."""
-    runner = (TorchRunner(str(tiny_exports["artifact"]), "cpu") if runner_kind == "torch"
-              else OnnxRunner(str(tiny_exports["onnx"]), "cpu", 1))
+    runner = (open_backend(str(tiny_exports["artifact"]), "torch", "cpu") if runner_kind == "torch"
+              else open_onnxruntime(tiny_exports["onnx"], "cpu", threads=1))
     sizes = []
     for n in (7, 40, 129, 600):
         runner.reset(n)
@@ -111,7 +111,7 @@ def test_kv_bytes_grow_linearly_with_ctx(runner_kind, tiny_exports):
 
 def test_context_search_agrees_with_the_analytic_answer(tiny_exports):
     """Bisection over real prefills (weights + the cache actually held) lands on (budget − weights) / kv_per_token."""
-    runner = TorchRunner(str(tiny_exports["artifact"]), "cpu")
+    runner = open_backend(str(tiny_exports["artifact"]), "torch", "cpu")
     weights = sum(b.numel() * b.element_size() for b in runner.model.buffers()) + sum(
         p.numel() * p.element_size() for p in runner.model.parameters())
     budget = weights + 1000 * runner.kv_per_token + runner.kv_per_token // 2

@@ -11,8 +11,8 @@ from test_decompose import correlated_h
 
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import grids, lattice
-from lrdeploy.compressor.driver import BlockContext, collect_h, materialize, rotary
-from lrdeploy.compressor.model import layer_prefix, skeleton
+from lrdeploy.compressor.hcollect import collect_h
+from lrdeploy.compressor.model import BlockContext, layer_prefix, materialize, rotary, skeleton
 from lrdeploy.compressor.sources import open_source
 from lrdeploy.compressor.text import load_text, tokenize
 

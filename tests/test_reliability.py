@@ -296,12 +296,12 @@ def test_same_seed_same_bytes(reference, two_blocks, calib_text, tmp_path, cli):
 def test_disk_full_keeps_finished_layers_then_resume(reference, two_blocks, calib_text, tmp_path, cli,
                                                      monkeypatch):
     """ENOSPC while writing block 1's shard: a clear line, block 0 kept, the old output untouched, --resume ends."""
-    import lrdeploy.compressor.driver as driver
+    import lrdeploy.compressor.rundir as rundir
 
     out = tmp_path / "art"
     out.mkdir()
     (out / "old.txt").write_text("the previous artifact")
-    real = driver._save_shard
+    real = rundir.save_shard
     calls = []
 
     def full_disk(path: Path, *a, **k) -> None:
@@ -311,7 +311,7 @@ def test_disk_full_keeps_finished_layers_then_resume(reference, two_blocks, cali
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.with_name(path.name + ".tmp")))
         real(path, *a, **k)
 
-    monkeypatch.setattr(driver, "_save_shard", full_disk)
+    monkeypatch.setattr(rundir, "save_shard", full_disk)
     args = ["compress", two_blocks, "-o", out, "--calib", calib_text, *RESUMABLE]
     code, _, err = cli(*args, "--force")
     _one_line_error(code, err, "No space left on device")
@@ -321,7 +321,7 @@ def test_disk_full_keeps_finished_layers_then_resume(reference, two_blocks, cali
     assert (partial / "layers" / "0000.safetensors").is_file() and not list(partial.rglob("*.tmp"))
     assert json.loads((partial / "state.json").read_text())["layers_done"] == 1
 
-    monkeypatch.setattr(driver, "_save_shard", real)
+    monkeypatch.setattr(rundir, "save_shard", real)
     code, _, err = cli(*args, "--resume")
     assert code == 0, err
     assert not partial.exists()
@@ -422,22 +422,22 @@ def test_sigint_inside_a_tensor_read_is_still_an_interrupt(reference, two_blocks
 
 def test_stopped_while_finishing_resumes(small, calib_text, tmp_path):
     """Killed after the manifest is written but before the rename: --resume just completes the move."""
-    import lrdeploy.compressor.driver as driver
+    import lrdeploy.compressor.rundir as rundir
 
     o = CompressOptions(method="rtn", q_format="q8_0", calib=calib_text, calib_range="0:0.02", calib_tokens=256,
                         seq_len=64, device="cpu")
     src = open_source(str(small["model"]))
-    real = driver.replace_dir
+    real = rundir.replace_dir
 
     def killed(tmp: Path, out: Path) -> None:
         raise KeyboardInterrupt
 
-    driver.replace_dir = killed
+    rundir.replace_dir = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             compress(src, o, tmp_path / "a")
     finally:
-        driver.replace_dir = real
+        rundir.replace_dir = real
     assert (tmp_path / "a.partial" / MANIFEST).is_file()
     result = compress(src, o, tmp_path / "a", resume=True)
     assert result.manifest["files"][WEIGHTS]["sha256"] and read_manifest(tmp_path / "a")

@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_sections import WIKITEXT, update_section  # noqa: E402
 from report_sections import run_json as shared_run_json  # noqa: E402
 
+from lrdeploy.files import ONNX_META, ONNX_MODEL  # noqa: E402
+from lrdeploy.io import staged_output  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
 WORK = REPO / ".cache" / "peers"
@@ -463,15 +466,11 @@ def ort_quantize(fp32: Path, label: str, algo: str, bits: int, gptq_seqs: int) -
     q.process()
     qmodel = q.model.model if hasattr(q.model, "model") else q.model
     qmodel.ir_version = min(qmodel.ir_version, ONNX_MAX_IR)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    onnx.save_model(qmodel, str(tmp / "model.onnx"))
-    for f in fp32.iterdir():
-        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "lrdeploy_onnx.json":
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with staged_output(out, force=True) as tmp:
+        onnx.save_model(qmodel, str(tmp / ONNX_MODEL))
+        for f in fp32.iterdir():
+            if f.is_file() and not f.name.startswith(ONNX_MODEL) and f.name != ONNX_META:
+                shutil.copy2(f, tmp / f.name)
     STEPS.add("onnxruntime quantize", t0)
     return out
 
