@@ -34,6 +34,38 @@ def label(base: str, kind: str) -> str:
     return base if kind == "none" else f"{base}, rotate {kind}"
 
 
+def findings(rows: dict[tuple[str, str], dict]) -> list[str]:
+    """What the measured points say, worded from the numbers."""
+    pairs = [(base, kind, rows[base, kind]["ppl"] / rows[base, "none"]["ppl"]) for base, _, _ in BASES
+             for kind in KINDS[1:] if (base, kind) in rows and (base, "none") in rows]
+    if not pairs:
+        return []
+
+    def listed(sel: list) -> str:
+        return "; ".join(f"{b}, {k} ({100 * (r - 1):+.1f}%)" for b, k, r in sel)
+
+    better, worse = [p for p in pairs if p[2] < 1], [p for p in pairs if p[2] >= 1]
+    lines = []
+    if better:
+        lines.append(f"**Rotation helped** at {listed(better)}.")
+    if worse:
+        lines += [""] * bool(better) + [f"**Rotation hurt** at {listed(worse)}."]
+    if better and any("q3_k" in b for b, _, _ in better):
+        lines += ["", "At 3 bits LDLQ likely gains what QuIP# and CALDERA rotate for: no weight of a rotated row "
+                  "stands out, and the error that LDLQ feeds forward lands on columns that are all alike."]
+    if worse:
+        lines += ["", "Two likely causes of the losses, neither isolated here. SmolLM2's source is a Q4_1 GGUF: "
+                  "unrotated, every 32-weight run of a row already sits on a 16-level grid, and a rotation mixes each "
+                  "row over all 576 columns and throws that structure away. Its residual stream also carries a few "
+                  "channels of very large activations, which the rotation spreads over every channel, so the "
+                  "rounding error of the writers (o_proj, down_proj) reaches all of them; the coarser the grid, the "
+                  "more that costs, and RTN, which feeds no error forward, pays most. CALDERA and QuIP# rotate "
+                  "both sides of every weight and undo it in their kernels; the residual-only form that stock "
+                  "runtimes run does not get that."]
+    lines += ["", "--rotate stays opt-in (`none` by default)."]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
@@ -64,6 +96,7 @@ def main() -> None:
                 continue
             rel = "" if kind == "none" or plain is None else f"{100 * (r['ppl'] / plain['ppl'] - 1):+.1f}%"
             lines.append(f"| {base} | {kind} | {r['bpw']:.3f} | {r['ppl']:.3f} | {rel} |")
+    lines += ["", *findings(rows)]
     missing = [label(b, k) for b, _, _ in BASES for k in KINDS if (b, k) not in rows]
     if missing:
         lines += ["", "Not measured yet: " + "; ".join(missing) + "."]
