@@ -59,12 +59,18 @@ def test_second_compress_is_refused_while_a_real_run_writes(tmp_path, calib_text
     its OUT.partial alone; Ctrl-C then ends the first run and frees the lock, and --resume finishes the artifact."""
     from random_model import make_random_model
 
-    model = make_random_model(tmp_path / "m", layers=6, **NARROW)
+    # 12 blocks of 2048 calibration tokens: a block takes ~0.25 s, so the run is still seconds from its end when it
+    # is stopped, however late the poll sees its first block (6 blocks of 512 tokens finished in 0.5 s, and a busy
+    # machine once let the whole run end before the stop)
+    model = make_random_model(tmp_path / "m", layers=12, **NARROW)
     out = tmp_path / "cc"
-    args = ["compress", str(model), "-o", str(out), "--calib", calib_text, *RESUMABLE]
+    resumable = [a if a != "512" else "2048" for a in RESUMABLE]
+    assert resumable[resumable.index("--calib-tokens") + 1] == "2048"
+    args = ["compress", str(model), "-o", str(out), "--calib", calib_text, *resumable]
     proc = signal_after_first_block(EXE + args, out, signal.SIGSTOP)
     try:
         assert lock_path(out).read_text() == f"{proc.pid}\n"
+        assert json.loads((tmp_path / "cc.partial" / "state.json").read_text())["layers_done"] < 12
         before = _snapshot(tmp_path / "cc.partial")
         for extra in ("--force", "--resume"):
             code, _, err = cli(*args, extra)
@@ -83,7 +89,7 @@ def test_second_compress_is_refused_while_a_real_run_writes(tmp_path, calib_text
     code, _, err = cli(*args, "--resume")
     assert code == 0, err
     assert _names(tmp_path) == ["cc", "m"]
-    assert json.loads((out / "lrdeploy.json").read_text())["summary"]["linears"] == 6 * 7
+    assert json.loads((out / "lrdeploy.json").read_text())["summary"]["linears"] == 12 * 7
 
 
 def test_lock_held_in_process_refuses_compress(small, tmp_path, cli):
@@ -124,7 +130,7 @@ def test_lock_of_a_live_process_is_kept(small, tmp_path, cli):
 
 def test_lock_released_on_every_exit(small, calib_text, tmp_path, monkeypatch):
     """Success, an LrdError, Ctrl-C (KeyboardInterrupt) and a failed write each leave no lock behind."""
-    import lrdeploy.compressor.driver as driver
+    import lrdeploy.compressor.rundir as rundir
 
     model = open_source(str(small["model"]))
     o = CompressOptions(method="rtn", q_format="q8_0", calib=calib_text, calib_range="0:0.02", calib_tokens=256,
@@ -142,7 +148,7 @@ def test_lock_released_on_every_exit(small, calib_text, tmp_path, monkeypatch):
     def full_disk(path: Path, *a, **k) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(driver, "_save_shard", full_disk)
+    monkeypatch.setattr(rundir, "save_shard", full_disk)
     with pytest.raises(OSError):
         compress(model, o, out, resume=True)
     assert _names(tmp_path) == ["art", "art.partial"]
