@@ -51,7 +51,7 @@ class Arch:
     permute_qk: bool = False  # llama.cpp's converter interleaves the rotary halves of q/k rows
     staged_h: bool = True  # hcollect.staged_h computes this block's H exactly (tested per architecture)
     rotatable: bool = True  # compressor/rotate.py can fold an orthogonal change of basis into it
-    gguf_extra: tuple[str, ...] = field(default_factory=tuple)  # extra metadata: "sliding_window", "swa_rope"
+    gguf_extra: tuple[str, ...] = field(default_factory=tuple)  # extra metadata: sliding_window, swa_rope, key_length
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -93,7 +93,7 @@ QWEN3 = Arch("qwen3", "qwen3", qk_norm=True)
 GEMMA3 = Arch(
     "gemma3_text", "gemma3", mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
     post_mlp_norm="post_feedforward_layernorm", norm_offset=1.0, activation="gelu_tanh", embed_scale=True,
-    qk_norm=True, staged_h=False, rotatable=False, gguf_extra=("sliding_window", "swa_rope"),
+    qk_norm=True, staged_h=False, rotatable=False, gguf_extra=("sliding_window", "swa_rope", "key_length"),
 )
 PHI3 = Arch("phi3", "phi3", attn_in=("self_attn.qkv_proj",), mlp_in=("mlp.gate_up_proj",), staged_h=False,
             gguf_extra=("sliding_window",))

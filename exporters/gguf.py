@@ -348,7 +348,7 @@ def hf_metadata(config: Any, tok_dir: Path, arch: str, ftype: int, name: str) ->
                           float(archs.rope_for(config, "sliding_attention")["rope_theta"]))
         if window:
             w.add_sliding_window(int(window))
-        if head_dim * heads != config.hidden_size or config.model_type == "gemma3_text":
+        if head_dim * heads != config.hidden_size or "key_length" in extra:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
         if rope["rope_type"] == "linear":
