@@ -16,8 +16,14 @@ ggml blocks of Q map onto MatMulNBits without loss:
   a float32 zp can hit it (about 9 blocks in 10; the rest are off by one ulp of the offset). It is the most compact
   form, but float zero points make onnxruntime dequantize the whole weight on every call.
 
-The graph is plain ONNX (opset 17) apart from MatMulNBits; embeddings and norms keep their float values. The
-directory also holds the tokenizer, config.json, genai_config.json (onnxruntime-genai) and lrdeploy_onnx.json.
+L and R stored in q4_0/q8_0 become MatMulNBits too (bits 4 or 8, block 32, exact). The embedding and the head keep
+the blocks the artifact stores them in where an exact form exists (GatherBlockQuantized for the lookup, MatMulNBits
+for the head, one copy when tied; `nbits_from_blocks`), else a float matrix.
+
+Two graphs: the fused one (exporters/onnx_fused.py: GroupQueryAttention with a shared KV buffer, fused RMSNorms),
+the default wherever the model fits it, and the plain one here (opset 17 standard ops around the contrib
+MatMulNBits/GatherBlockQuantized, a KV cache that grows by Concat). The directory also holds model.onnx.data (the
+weights), the tokenizer, config.json, genai_config.json (onnxruntime-genai) and lrdeploy_onnx.json.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
 MS_DOMAIN = "com.microsoft"
 META_FORMAT = "lrdeploy-onnx"
-INLINE_LIMIT = 1 << 30  # weights below this many bytes live inside model.onnx; above, in model.onnx.data
+META_VERSION = 2  # 2: the fused graph, quantized embedding/head and L·R, weights always in model.onnx.data
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ZERO_POINTS = ("auto", "uint8", "float")
+GRAPHS = ("auto", "fused", "plain")
 # ggml format -> (MatMulNBits bits, code shift added to ggml's code, affine); q2_k is 2 bits only with float zps
 NBITS_FORMATS: dict[str, tuple[int, int, bool]] = {
     "q2_k": (4, 8, True),
@@ -175,6 +182,12 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
     return NBitsWeight(bits, grid.block, n, k, B, scale.astype(np.float32), zp, offsets)
 
 
+def grids_block(fmt: str) -> int:
+    from lrdeploy.compressor import grids
+
+    return grids.get_grid(fmt).block
+
+
 def _lattice_formats() -> dict:
     from lrdeploy.compressor import lattice
 
@@ -198,6 +211,65 @@ def _nbits_from_lattice(grid, raw: torch.Tensor | np.ndarray, shape: tuple[int, 
     codes = (q.to(torch.int32) + 128).numpy().reshape(n, kb, grid.block)
     zp = _pack_zero_points(np.full((n, kb), 128, np.int32), 8) if zero_points == "uint8" else None
     return NBitsWeight(8, grid.block, n, k, pack_low_first(codes, 8), scale.numpy().astype(np.float32), zp, None)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 stored at byte AT of each block row, as float32."""
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view(np.float16)[:, 0].astype(np.float32)
+
+
+def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q4_1 (32 weights: f16 d, f16 m, 16 bytes of nibbles, low nibbles first): value = fl(d·q) + m."""
+    qs = blocks[:, 4:20]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int32)
+    return codes, _f16(blocks, 0)[:, None], -_f16(blocks, 2)[:, None]
+
+
+def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q6_k (256 weights: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 sub-scales, f16 d):
+    value = fl(fl(d·sc)·(q − 32)) with one sub-scale per 16 weights; returned as codes q − 32 (per 16-weight block)."""
+    ql, qh = blocks[:, :128].astype(np.int32), blocks[:, 128:192].astype(np.int32)
+    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    halves = []
+    for h in range(2):
+        lo, hi = ql[:, 64 * h : 64 * h + 64], qh[:, 32 * h : 32 * h + 32]
+        halves += [(lo[:, :32] & 15) | ((hi & 3) << 4), (lo[:, 32:] & 15) | (((hi >> 2) & 3) << 4),
+                   (lo[:, :32] >> 4) | (((hi >> 4) & 3) << 4), (lo[:, 32:] >> 4) | (((hi >> 6) & 3) << 4)]
+    codes = np.concatenate(halves, axis=1) - 32  # [blocks, 256] in the weights' order
+    scale = (_f16(blocks, 208)[:, None] * sc).astype(np.float32)  # fl(d·sc), as ggml multiplies
+    return codes.reshape(-1, 16), scale.reshape(-1, 1), np.zeros_like(scale).reshape(-1, 1)
+
+
+# ggml types a source may store its embedding or head in, beyond our grids: (bytes per block, weights per block,
+# weights per scale, parser -> codes [n, weights per scale], scale [n, 1], offset [n, 1]; value = scale·code − offset)
+SOURCE_BLOCKS = {"q4_1": (20, 32, 32, _q4_1), "q6_k": (210, 256, 16, _q6_k)}
+
+
+def nbits_from_blocks(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[int, int]) -> NBitsWeight | None:
+    """Any stored ggml matrix (an embedding, a head) as exact MatMulNBits inputs, or None where no exact form exists.
+
+    Our grids and i-quants map as in nbits_from_ggml. A source's q4_1 becomes 4-bit codes with a uint8 zero point 0,
+    scale d and offset −m; q6_k becomes 8-bit codes q − 32 + 128 per 16-weight block with scale fl(d·sc), which is
+    ggml's own product. Other types (q5_0, q5_k, ...) return None: the caller keeps the tensor in floats.
+    """
+    from lrdeploy.compressor import grids, lattice
+
+    if q_format in grids.GRIDS or q_format in lattice.LATTICES:
+        return nbits_from_ggml(q_format, raw, shape)
+    if q_format not in SOURCE_BLOCKS:
+        return None
+    nbytes, per_block, block, parse = SOURCE_BLOCKS[q_format]
+    n, k = shape
+    if k % per_block:
+        return None
+    codes, scale, offset = parse(np.asarray(raw, np.uint8).reshape(-1, nbytes))
+    kb = k // block
+    scale, offset = scale.reshape(n, kb), offset.reshape(n, kb)
+    if q_format == "q6_k":
+        B = pack_low_first((codes + 128).reshape(n, kb, block), 8)
+        return NBitsWeight(8, block, n, k, B, scale, None, None)
+    zp = _pack_zero_points(np.zeros((n, kb), np.int32), 4)
+    return NBitsWeight(4, block, n, k, pack_low_first(codes.reshape(n, kb, block), 4), scale, zp, offset)
 
 
 def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
@@ -302,16 +374,33 @@ class LinearWeights:
     lora_l: np.ndarray | None = None  # [out, r]
     lora_r: np.ndarray | None = None  # [r, in]
     bias: np.ndarray | None = None
+    lora_lq: NBitsWeight | None = None  # L and R as the artifact's q4_0/q8_0 blocks (then lora_l/lora_r are None)
+    lora_rq: NBitsWeight | None = None
+
+    @property
+    def has_lowrank(self) -> bool:
+        return self.lora_l is not None or self.lora_lq is not None
+
+    @property
+    def rows(self) -> int:
+        if self.q is not None:
+            return self.q.n
+        if self.dense is not None:
+            return self.dense.shape[0]
+        return self.lora_lq.n if self.lora_lq is not None else self.lora_l.shape[0]
 
 
 class Weights:
     """Reads the tensors of an artifact (split linears) or of a plain model source (dense linears)."""
 
     def __init__(self, tensor: Callable[[str], torch.Tensor], has: Callable[[str], bool],
-                 linears: dict | None, raw: Callable[[str], torch.Tensor] | None, zero_points: str):
+                 linears: dict | None, raw: Callable[[str], torch.Tensor] | None, zero_points: str,
+                 tables: dict | None = None):
         self._tensor, self._has, self.linears, self._raw, self.zero_points = tensor, has, linears, raw, zero_points
+        self.tables = tables or {}  # the artifact's stored formats of the embedding and the head
+        self.vocab_formats: dict[str, str] = {}  # how the graph holds them, once built
         # linears by how the graph computes them; "iquant_8bit" counts the MatMulNBits that hold an i-quant at 8 bits
-        self.counts = {"matmulnbits": 0, "lowrank": 0, "dense": 0, "iquant_8bit": 0}
+        self.counts = {"matmulnbits": 0, "lowrank": 0, "lowrank_nbits": 0, "dense": 0, "iquant_8bit": 0}
 
     def tensor(self, name: str) -> np.ndarray:
         return self._tensor(name).float().numpy()
@@ -332,9 +421,26 @@ class Weights:
             self.counts["matmulnbits"] += 1
             self.counts["iquant_8bit"] += entry["q_format"] in _lattice_formats()
         if entry["rank"]:
-            out.lora_l, out.lora_r = self.tensor(name + ".lora_l"), self.tensor(name + ".lora_r")
             self.counts["lowrank"] += 1
+            lr = entry.get("lr_format")
+            n, k = entry["shape"]
+            r = entry["rank"]
+            if lr in NBITS_FORMATS and self._raw is not None and r % grids_block(lr) == 0 and k % grids_block(lr) == 0:
+                out.lora_lq = nbits_from_ggml(lr, self._raw(name + ".lora_l"), (n, r), self.zero_points)
+                out.lora_rq = nbits_from_ggml(lr, self._raw(name + ".lora_r"), (r, k), self.zero_points)
+                self.counts["lowrank_nbits"] += 1
+            else:
+                out.lora_l, out.lora_r = self.tensor(name + ".lora_l"), self.tensor(name + ".lora_r")
         return out
+
+    def blocks(self, name: str) -> tuple[str | None, NBitsWeight | None]:
+        """(stored format, exact MatMulNBits form) of an embedding or head the artifact stores as ggml blocks;
+        (format or None, None) where it is stored in floats or its type has no exact form."""
+        entry = self.tables.get(name) or {}
+        fmt = entry.get("q_format")
+        if fmt is None or self._raw is None:
+            return entry.get("dtype"), None
+        return fmt, nbits_from_blocks(fmt, self._raw(name + ".q"), tuple(entry["shape"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -414,6 +520,14 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
         return outs[0] if outputs == 1 else outs
 
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        """A node with fixed output names ("" for an optional output left out)."""
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), domain=domain or None,
+                                           **attrs))
+        return outputs
+
     def output(self, op_type: str, out: str, *inputs: str, **attrs) -> str:
         """A node whose output is a graph output (fixed name)."""
         from onnx import helper
@@ -451,24 +565,31 @@ def fuse_linears(ws: list[LinearWeights]) -> LinearWeights | None:
     """
     if len(ws) < 2:
         return None
-    kinds = {(w.q is not None, w.dense is not None, w.lora_l is not None) for w in ws}
+    kinds = {(w.q is not None, w.dense is not None, w.lora_l is not None, w.lora_lq is not None) for w in ws}
     if len(kinds) != 1:
         return None
-    has_q, has_dense, has_lr = next(iter(kinds))
-    if has_q:
-        qs = [w.q for w in ws if w.q is not None]
-        zps = {(None if q.zero_points is None else q.zero_points.dtype, q.offsets is None) for q in qs}
-        if len({(q.bits, q.block_size, q.k) for q in qs}) != 1 or len(zps) != 1:
-            return None
+    has_q, has_dense, has_lr, has_lrq = next(iter(kinds))
+    if has_q and not _stackable([w.q for w in ws]):
+        return None
+    if has_lrq and not (_stackable([w.lora_rq for w in ws]) and _stackable([w.lora_lq for w in ws], same_k=False)
+                        and ws[0].lora_lq.zero_points is None and ws[0].lora_lq.offsets is None):
+        return None
     out = LinearWeights()
-    sizes = [(w.q.n if w.q is not None else w.dense.shape[0] if w.dense is not None else w.lora_l.shape[0])
-             for w in ws]
+    sizes = [w.rows for w in ws]
     if has_q:
-        q0 = qs[0]
-        zp = None if q0.zero_points is None else np.concatenate([q.zero_points for q in qs])
-        offsets = None if q0.offsets is None else np.concatenate([q.offsets for q in qs])
-        out.q = NBitsWeight(q0.bits, q0.block_size, sum(sizes), q0.k, np.concatenate([q.B for q in qs]),
-                            np.concatenate([q.scales for q in qs]), zp, offsets)
+        out.q = _stack([w.q for w in ws])
+    if has_lrq:  # R stacked; L block-diagonal, its off-diagonal blocks scale 0 (exact zeros under the default zp)
+        out.lora_rq = _stack([w.lora_rq for w in ws])
+        ls = [w.lora_lq for w in ws]
+        kbs = [q.k // q.block_size for q in ls]
+        B = np.zeros((sum(sizes), sum(kbs), ls[0].B.shape[2]), np.uint8)
+        scales = np.zeros((sum(sizes), sum(kbs)), np.float32)
+        row = col = 0
+        for q, kb in zip(ls, kbs, strict=True):
+            B[row : row + q.n, col : col + kb] = q.B
+            scales[row : row + q.n, col : col + kb] = q.scales
+            row, col = row + q.n, col + kb
+        out.lora_lq = NBitsWeight(ls[0].bits, ls[0].block_size, sum(sizes), sum(q.k for q in ls), B, scales, None)
     if has_dense:
         out.dense = np.concatenate([w.dense for w in ws])
     if has_lr:
@@ -485,47 +606,149 @@ def fuse_linears(ws: list[LinearWeights]) -> LinearWeights | None:
     return out
 
 
-def _linears(g: Graph, x: str, ws: list[LinearWeights], names: list[str], fuse: bool) -> list[str]:
-    """Several linears of one input: one fused node group and a Split when they fit together."""
+def _stackable(qs: list[NBitsWeight], same_k: bool = True) -> bool:
+    """Whether these MatMulNBits weights can be stacked row-wise into one (same bits, blocks, zero-point kind)."""
+    kinds = {(q.bits, q.block_size, q.k if same_k else 0, None if q.zero_points is None else q.zero_points.dtype,
+              q.offsets is None) for q in qs}
+    return len(kinds) == 1
+
+
+def _stack(qs: list[NBitsWeight]) -> NBitsWeight:
+    q0 = qs[0]
+    zp = None if q0.zero_points is None else np.concatenate([q.zero_points for q in qs])
+    offsets = None if q0.offsets is None else np.concatenate([q.offsets for q in qs])
+    return NBitsWeight(q0.bits, q0.block_size, sum(q.n for q in qs), q0.k, np.concatenate([q.B for q in qs]),
+                       np.concatenate([q.scales for q in qs]), zp, offsets)
+
+
+def _linears(g: Graph, x: str, ws: list[LinearWeights], names: list[str], fuse: bool, split: bool = True) -> list[str]:
+    """Several linears of one input: one fused node group and a Split when they fit together (SPLIT False: the
+    fused output alone, its parts side by side along the last axis)."""
     fused = fuse_linears(ws) if fuse else None
     if fused is None:
         return [_linear(g, x, w, n) for w, n in zip(ws, names, strict=True)]
-    sizes = [w.q.n if w.q is not None else w.dense.shape[0] if w.dense is not None else w.lora_l.shape[0]
-             for w in ws]
+    sizes = [w.rows for w in ws]
     y = _linear(g, x, fused, "+".join(names))
-    return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(ws))
+    return g.op("Split", y, g.const(sizes), axis=-1, outputs=len(ws)) if split else [y]
 
 
 def _linear(g: Graph, x: str, w: LinearWeights, name: str) -> str:
     """y = Q·x (+ b) + L·(R·x), in the order QLRLinear computes it."""
     y = None
     if w.q is not None:
-        q = w.q
-        inputs = [x, g.init(name + ".q.B", q.B), g.init(name + ".q.scales", q.scales.astype(g.dtype))]
-        if q.zero_points is not None:
-            zp = q.zero_points if q.zero_points.dtype == np.uint8 else q.zero_points.astype(g.dtype)
-            inputs.append(g.init(name + ".q.zero_points", zp))
-        extra = {"accuracy_level": g.accuracy_level} if g.accuracy_level else {}
-        y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, name=name + ".q", K=q.k, N=q.n, bits=q.bits,
-                 block_size=q.block_size, **extra)
-        if q.offsets is not None:
-            kb = q.k // q.block_size
-            sums = g.op("ReduceSum", g.op("Reshape", x, g.const([0, 0, kb, q.block_size])), g.const([-1]),
-                        keepdims=0)
-            y = g.op("Sub", y, g.op("MatMul", sums, g.float(q.offsets.T, name + ".q.offsets_t")))
+        y = _matmul_nbits(g, x, w.q, nbits_inits(g, w.q, name), name)
     elif w.dense is not None:
         y = g.op("MatMul", x, g.float(w.dense.T, name + ".weight_t"), name=name)
     if w.bias is not None and y is not None:
         y = g.op("Add", y, g.float(w.bias, name + ".bias"))
-    if w.lora_l is not None and w.lora_r is not None:
-        rx = g.op("MatMul", x, g.float(w.lora_r.T, name + ".lora_r_t"), name=name + ".r")
-        low = g.op("MatMul", rx, g.float(w.lora_l.T, name + ".lora_l_t"), name=name + ".l")
+    if w.has_lowrank:
+        if w.lora_rq is not None and w.lora_lq is not None:
+            rx = _matmul_nbits(g, x, w.lora_rq, nbits_inits(g, w.lora_rq, name + ".lora_r"), name + ".lora_r")
+            low = _matmul_nbits(g, rx, w.lora_lq, nbits_inits(g, w.lora_lq, name + ".lora_l"), name + ".lora_l")
+        else:
+            rx = g.op("MatMul", x, g.float(w.lora_r.T, name + ".lora_r_t"), name=name + ".r")
+            low = g.op("MatMul", rx, g.float(w.lora_l.T, name + ".lora_l_t"), name=name + ".l")
         y = low if y is None else g.op("Add", y, low)
         if w.q is None and w.dense is None and w.bias is not None:
             y = g.op("Add", y, g.float(w.bias, name + ".bias"))
     if y is None:
         raise LrdError(f"linear {name} has neither Q nor L·R")
     return y
+
+
+def nbits_inits(g: Graph, q: NBitsWeight, name: str) -> dict[str, str]:
+    """The initializers of one MatMulNBits weight (B, scales, zero points, split-off offsets), by role."""
+    inits = {"B": g.init(name + ".q.B", q.B), "scales": g.init(name + ".q.scales", q.scales.astype(g.dtype))}
+    if q.zero_points is not None:
+        zp = q.zero_points if q.zero_points.dtype == np.uint8 else q.zero_points.astype(g.dtype)
+        inits["zero_points"] = g.init(name + ".q.zero_points", zp)
+    if q.offsets is not None:
+        inits["offsets_t"] = g.float(q.offsets.T, name + ".q.offsets_t")
+    return inits
+
+
+def _matmul_nbits(g: Graph, x: str, q: NBitsWeight, inits: dict[str, str], name: str) -> str:
+    """MatMulNBits(x), minus BlockSum(x)·offsetsᵀ where the affine offsets were split off."""
+    inputs = [x, inits["B"], inits["scales"]] + ([inits["zero_points"]] if "zero_points" in inits else [])
+    extra = {"accuracy_level": g.accuracy_level} if g.accuracy_level else {}
+    y = g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, name=name + ".q", K=q.k, N=q.n, bits=q.bits,
+             block_size=q.block_size, **extra)
+    if q.offsets is not None:
+        kb = q.k // q.block_size
+        sums = g.op("ReduceSum", g.op("Reshape", x, g.const([0, 0, kb, q.block_size])), g.const([-1]), keepdims=0)
+        y = g.op("Sub", y, g.op("MatMul", sums, inits["offsets_t"]))
+    return y
+
+
+@dataclass
+class Vocab:
+    """How the graph holds the embedding and the head: MatMulNBits initializers (quantized, shared when tied) or a
+    float matrix; `formats` says what each is, for the export's JSON."""
+
+    embed_q: NBitsWeight | None
+    embed_inits: dict[str, str]  # quantized: B/scales/... ; float: {"W": name}
+    head_q: NBitsWeight | None
+    head_inits: dict[str, str]
+    formats: dict[str, str]
+
+
+def vocab_weights(g: Graph, s: DecoderShape, w: Weights, quantize: bool = True) -> Vocab:
+    """The embedding and head initializers. A stored block format with an exact MatMulNBits form stays quantized
+    (GatherBlockQuantized for the lookup, MatMulNBits for the head); anything else is a float matrix in the graph's
+    dtype. A tied model holds one copy, which the lookup reads through a Reshape."""
+    from lrdeploy.compressor.embeddings import EMBED, HEAD
+
+    def one(name: str, role: str) -> tuple[NBitsWeight | None, dict[str, str], str]:
+        fmt, q = w.blocks(name) if quantize else (None, None)
+        if q is not None:
+            kind = f"{fmt} as {q.bits}-bit {'GatherBlockQuantized' if role == 'embed' else 'MatMulNBits'}"
+            return q, nbits_inits(g, q, name.removesuffix(".weight")), kind
+        why = f"stored {fmt}, no exact quantized form" if fmt and fmt not in ("float16", "float32", "bfloat16") else ""
+        kind = f"{np.dtype(g.dtype).name} matrix" + (f" ({why})" if why else "")
+        return None, {"W": g.float(w.tensor(name), name)}, kind
+
+    eq, einits, ekind = one(EMBED, "embed")
+    if s.tie or not w.has(HEAD):
+        v = Vocab(eq, einits, eq, einits, {"embed": ekind, "head": "tied to the embedding"})
+    else:
+        hq, hinits, hkind = one(HEAD, "head")
+        v = Vocab(eq, einits, hq, hinits, {"embed": ekind, "head": hkind})
+    w.vocab_formats = v.formats
+    return v
+
+
+def _embed(g: Graph, s: DecoderShape, v: Vocab) -> str:
+    """The token embeddings of input_ids [B, S, hidden] (times gemma's √hidden)."""
+    q = v.embed_q
+    if q is None:
+        x = g.op("Gather", v.embed_inits["W"], "input_ids", axis=0)
+    else:
+        kb = q.k // q.block_size
+        data = g.op("Reshape", v.embed_inits["B"], g.const([q.n, kb * q.block_size * q.bits // 8]))
+        inputs = [data, "input_ids", v.embed_inits["scales"]]
+        if "zero_points" in v.embed_inits:
+            inputs.append(v.embed_inits["zero_points"])
+        x = g.op("GatherBlockQuantized", *inputs, domain=MS_DOMAIN, bits=q.bits, block_size=q.block_size,
+                 gather_axis=0, quantize_axis=1)
+        if q.offsets is not None:  # (code − zp)·scale − offset: the offsets of the looked-up rows, per block
+            offsets = g.op("Transpose", v.embed_inits["offsets_t"], perm=[1, 0])
+            per_block = g.op("Unsqueeze", g.op("Gather", offsets, "input_ids", axis=0), g.const([-1]))
+            blocks = g.op("Reshape", x, g.const([0, 0, kb, q.block_size]))
+            x = g.op("Reshape", g.op("Sub", blocks, per_block), g.const([0, 0, s.hidden]))
+    if s.embed_scale is not None:
+        x = g.op("Mul", x, g.const(s.embed_scale, g.dtype))
+    return x
+
+
+def _logits(g: Graph, s: DecoderShape, v: Vocab, x: str) -> None:
+    """The graph output logits [B, S, vocab] from the final hidden states X."""
+    if v.head_q is not None:
+        _matmul_nbits(g, x, v.head_q, v.head_inits, "lm_head")
+        g.nodes[-1].output[0] = "logits"  # the last node (MatMulNBits, or the offsets' Sub) writes the output
+        return
+    flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, s.hidden])), v.head_inits["W"], transB=1)
+    out_shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([s.vocab]), axis=0)
+    g.output("Reshape", "logits", flat, out_shape)
 
 
 def _rotate(g: Graph, x: str, cos: str, sin: str, rot: int, dim: int) -> str:
@@ -553,44 +776,49 @@ def _io(name: str, elem: int, dims: list) -> object:
     return helper.make_tensor_value_info(name, elem, dims)
 
 
-def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
-    """The whole decoder graph: inputs, outputs and nodes (genai's names: past_key_values.N.*, present.N.*)."""
-    from onnx import TensorProto, helper
+def decoder_io(s: DecoderShape, elem: int, position_ids: bool = True) -> tuple[list, list]:
+    """Graph inputs and outputs under onnxruntime-genai's names (past_key_values.N.*, present.N.*)."""
+    from onnx import TensorProto
 
-    f = g.onnx_dtype
     D, KV = s.head_dim, s.kv_heads
     inputs = [
         _io("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         _io("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        _io("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [_io("logits", f, ["batch_size", "sequence_length", s.vocab])]
+    if position_ids:
+        inputs.append(_io("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+    outputs = [_io("logits", elem, ["batch_size", "sequence_length", s.vocab])]
     for i in range(s.layers):
         for kind in ("key", "value"):
-            inputs.append(_io(f"past_key_values.{i}.{kind}", f, ["batch_size", KV, "past_sequence_length", D]))
-            outputs.append(_io(f"present.{i}.{kind}", f, ["batch_size", KV, "total_sequence_length", D]))
+            inputs.append(_io(f"past_key_values.{i}.{kind}", elem, ["batch_size", KV, "past_sequence_length", D]))
+            outputs.append(_io(f"present.{i}.{kind}", elem, ["batch_size", KV, "total_sequence_length", D]))
+    return inputs, outputs
 
-    embed = g.float(w.tensor("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    x = g.op("Gather", embed, "input_ids", axis=0)
-    if s.embed_scale is not None:
-        x = g.op("Mul", x, g.const(s.embed_scale, g.dtype))
+
+def decoder_model(g: Graph, inputs: list, outputs: list):
+    from onnx import helper
+
+    graph = helper.make_graph(g.nodes, "lrdeploy_decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, producer_name="lrdeploy",
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
+    """The plain decoder graph: attention, masks, RoPE and RMSNorm from standard ONNX ops; the KV cache grows by a
+    Concat per step (so past and present are separate tensors)."""
+    inputs, outputs = decoder_io(s, g.onnx_dtype)
+    vocab = vocab_weights(g, s, w)
+    x = _embed(g, s, vocab)
     tables = _rope_tables(g, s)
     masks = _masks(g, s)
     scale = g.const(s.attn_scale, g.dtype)
     for i in range(s.layers):
         kind = s.layer_types[i]
         x = _block(g, s, w, f"model.layers.{i}.", i, x, tables[kind], masks[kind], scale, fuse)
-
-    x = _rms_norm(g, x, w, "model.norm.weight", s)
-    head = embed if s.tie or not w.has("lm_head.weight") else g.float(w.tensor("lm_head.weight"), "lm_head.weight")
-    flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, s.hidden])), head, transB=1)
-    out_shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([s.vocab]), axis=0)
-    g.output("Reshape", "logits", flat, out_shape)
-    graph = helper.make_graph(g.nodes, "lrdeploy_decoder", inputs, outputs, g.inits)
-    model = helper.make_model(graph, producer_name="lrdeploy",
-                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
-    model.ir_version = IR_VERSION
-    return model
+    _logits(g, s, vocab, _rms_norm(g, x, w, "model.norm.weight", s))
+    return decoder_model(g, inputs, outputs)
 
 
 def _rope_tables(g: Graph, s: DecoderShape) -> dict[str, tuple[str, str]]:
@@ -675,15 +903,20 @@ def _block(g: Graph, s: DecoderShape, w: Weights, p: str, i: int, x: str, rope: 
     if fam.post_attn_norm:
         attn = _rms_norm(g, attn, w, p + fam.post_attn_norm + ".weight", s)
     x = g.op("Add", x, attn)
-    h = _rms_norm(g, x, w, p + fam.mlp_norm + ".weight", s)
+    mlp = mlp_branch(g, s, w, p, _rms_norm(g, x, w, p + fam.mlp_norm + ".weight", s), fuse)
+    if fam.post_mlp_norm:
+        mlp = _rms_norm(g, mlp, w, p + fam.post_mlp_norm + ".weight", s)
+    return g.op("Add", x, mlp)
+
+
+def mlp_branch(g: Graph, s: DecoderShape, w: Weights, p: str, h: str, fuse: bool) -> str:
+    """down(act(gate(h)) · up(h)), gate and up fused where they fit (phi3 stores them fused)."""
+    fam = s.family
     names = [p + n for n in fam.mlp_in]
     gate_up = _linears(g, h, [w.linear(n) for n in names], names, fuse)
     gate, up = g.op("Split", gate_up[0], axis=-1, outputs=2) if fam.fused_gate_up else gate_up
     act = _gelu_tanh(g, gate) if fam.activation == "gelu_tanh" else g.op("Mul", gate, g.op("Sigmoid", gate))
-    mlp = _linear(g, g.op("Mul", act, up), w.linear(p + archs.DOWN), p + archs.DOWN)
-    if fam.post_mlp_norm:
-        mlp = _rms_norm(g, mlp, w, p + fam.post_mlp_norm + ".weight", s)
-    return g.op("Add", x, mlp)
+    return _linear(g, g.op("Mul", act, up), w.linear(p + archs.DOWN), p + archs.DOWN)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -703,7 +936,7 @@ def _open_weights(source: str, zero_points: str) -> tuple[object, Weights, objec
         except Exception as e:
             raise LrdError(f"cannot read {Path(source) / 'config.json'}: {e}") from None
         get = ArtifactTensors(Path(source), manifest, "cpu")
-        w = Weights(get, get.has, manifest["linears"], get.raw, zero_points)
+        w = Weights(get, get.has, manifest["linears"], get.raw, zero_points, manifest.get("tensors"))
         return config, w, artifact_tokenizer(source), manifest
     from lrdeploy.compressor.sources import open_source
 
@@ -711,8 +944,9 @@ def _open_weights(source: str, zero_points: str) -> tuple[object, Weights, objec
     return src.config, Weights(src.tensor, src.has, None, None, zero_points), src.tokenizer(), None
 
 
-def genai_config(s: DecoderShape, config, tokenizer) -> dict:
-    """onnxruntime-genai's genai_config.json for this graph (no shared past/present buffer: the cache grows)."""
+def genai_config(s: DecoderShape, config, tokenizer, fused: bool = False) -> dict:
+    """onnxruntime-genai's genai_config.json for this graph. The fused graph shares one past/present buffer per layer
+    and takes no position_ids; the plain graph's cache grows by a Concat per step."""
     eos = getattr(config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -734,7 +968,7 @@ def genai_config(s: DecoderShape, config, tokenizer) -> dict:
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({} if fused else {"position_ids": "position_ids"}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -762,7 +996,7 @@ def genai_config(s: DecoderShape, config, tokenizer) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": fused,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -772,27 +1006,83 @@ def genai_config(s: DecoderShape, config, tokenizer) -> dict:
 
 
 def _save(model, g: Graph, tmp: Path) -> None:
-    """Write model.onnx; small models take their weights inline, large ones keep model.onnx.data beside them."""
+    """Write model.onnx beside its weights in model.onnx.data. onnxruntime maps an external data file instead of
+    copying every weight out of the protobuf: SmolLM2's q4_0 export holds 90 MiB after load this way, 137 MiB
+    inline."""
     import onnx
 
     g.close()
-    if g.data_bytes < INLINE_LIMIT:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(model, str(tmp))
-        g.data_path.unlink()
     onnx.save_model(model, str(tmp / MODEL_FILE))
+    problem = graph_problem(tmp / MODEL_FILE)
+    if problem is not None:
+        raise LrdError(f"the exported graph does not validate: {problem}")
+
+
+# onnxruntime registers these in the default domain, which onnx's checker knows only up to its own opsets
+ORT_DEFAULT_DOMAIN_OPS = ("SimplifiedLayerNormalization",)
+
+
+def graph_problem(path: Path) -> str | None:
+    """onnx's checker over the graph at PATH and its weight files, or the first line of what it found.
+
+    onnxruntime's own default-domain ops are checked as the contrib ops they are (the checker skips custom domains
+    but rejects an op it does not know in its own): a copy of the graph with those nodes moved is checked beside
+    the original, where its external weights resolve."""
+    import tempfile
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:  # the checker looks for an external file, not at its extent
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            data = Path(path).parent / info.get("location", "")
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            if data.is_file() and data.stat().st_size < end:
+                return f"initializer {t.name} ends at byte {end} of {data.name}, which holds {data.stat().st_size}"
+    moved = False
+    for node in model.graph.node:
+        if node.op_type in ORT_DEFAULT_DOMAIN_OPS and not node.domain:
+            node.domain, moved = MS_DOMAIN, True
     try:
-        onnx.checker.check_model(str(tmp / MODEL_FILE))
+        if not moved:
+            onnx.checker.check_model(str(path))
+            return None
+        fd, copy = tempfile.mkstemp(suffix=".onnx", prefix=".check-", dir=Path(path).parent)
+        os.close(fd)
+        try:
+            onnx.save_model(model, copy)
+            onnx.checker.check_model(copy)
+        finally:
+            os.unlink(copy)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LrdError(f"the exported graph does not validate: {first}") from None
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def kernel_notes(manifest: dict | None, vocab: dict[str, str], accuracy_level: int) -> list[str]:
+    """What the export's MatMulNBits forms cost on onnxruntime's CPU kernels (tools/bench_nbits.py measured them):
+    said in the export's JSON and by `lrdeploy inspect`."""
+    formats = {e["q_format"] for e in (manifest or {}).get("linears", {}).values()}
+    notes = []
+    if "q2_k" in formats:
+        notes.append("q2_k is stored as 4-bit codes with its offsets split off: onnxruntime's CPU MatMulNBits has "
+                     "fast 2-bit kernels only for blocks of 32 or more weights with int8 activations, and q2_k's "
+                     "16-weight sub-blocks at 2 bits would be dequantized on every call")
+    eight = sorted(f for f in formats if f == "q8_0" or f.startswith("iq")) + sorted(
+        v.split(" as ")[0] for v in vocab.values() if " as 8-bit" in v)
+    if eight and accuracy_level != 4:
+        notes.append(f"{', '.join(dict.fromkeys(eight))} run as 8-bit MatMulNBits, which onnxruntime's CPU kernel "
+                     "dequantizes on every call unless activations are int8 (--int8-activations)")
+    return notes
 
 
 def export_onnx(source: str, out_dir: Path, *, dtype: str = "fp32", force: bool = False,
-                zero_points: str = "auto", fuse: bool = True, accuracy_level: int = 0) -> dict:
+                zero_points: str = "auto", fuse: bool = True, accuracy_level: int = 0, graph: str = "auto") -> dict:
     """Export an artifact (split Q + L·R linears) or a model source (dense baseline) to OUT_DIR/model.onnx.
 
+    graph: "fused" (onnxruntime's GroupQueryAttention and fused RMSNorms, exporters/onnx_fused.py), "plain"
+    (standard ONNX ops around MatMulNBits), or "auto": fused where the model fits it, else plain.
     zero_points: see nbits_from_ggml (benchmarks compare "auto" with "float"); fuse: q/k/v and gate/up as one
     wider linear each (same numbers, fewer nodes); accuracy_level: MatMulNBits' attribute, 0 (float activations,
     exact) by default; 4 lets onnxruntime's CPU kernel quantize activations to int8 (faster, no longer exact).
@@ -802,39 +1092,55 @@ def export_onnx(source: str, out_dir: Path, *, dtype: str = "fp32", force: bool 
         raise LrdError(f"unknown ONNX dtype '{dtype}'; choose fp32 or fp16")
     if zero_points not in ZERO_POINTS:
         raise LrdError(f"unknown zero_points '{zero_points}'; choose one of {', '.join(ZERO_POINTS)}")
+    if graph not in GRAPHS:
+        raise LrdError(f"unknown ONNX graph '{graph}'; choose one of {', '.join(GRAPHS)}")
     out = Path(out_dir)
     with output_lock(out):  # before OUT and OUT.partial are looked at: a second export must not touch them
-        return _export(source, out, dtype, force, zero_points, fuse, accuracy_level, t0)
+        return _export(source, out, dtype, force, zero_points, fuse, accuracy_level, graph, t0)
 
 
 def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, fuse: bool, accuracy_level: int,
-            t0: float) -> dict:
+            graph: str, t0: float) -> dict:
+    from lrdeploy.exporters.onnx_fused import build_fused_decoder, fused_problem
+
     if out.exists() and not force:
         raise LrdError(f"{out} already exists; pass --force to overwrite it")
     config, weights, tokenizer, manifest = _open_weights(source, zero_points)
     shape = decoder_shape(config)
+    problem = fused_problem(shape)
+    if graph == "fused" and problem is not None:
+        raise LrdError(f"the fused ONNX graph does not fit {shape.arch}: {problem}; export with --graph plain")
+    fused = graph != "plain" and problem is None
     with staged_output(out, force) as tmp:
         g = Graph(tmp / DATA_FILE, DTYPES[dtype], accuracy_level)
         try:
-            model = build_decoder(g, shape, weights, fuse)
+            model = (build_fused_decoder if fused else build_decoder)(g, shape, weights, fuse)
+            vocab = weights.vocab_formats
         finally:
             g.close()
         _save(model, g, tmp)
         tokenizer.save_pretrained(str(tmp))
         config.save_pretrained(str(tmp))
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(shape, config, tokenizer), indent=2) + "\n")
+        genai = genai_config(shape, config, tokenizer, fused)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         counts = weights.counts
+        notes = kernel_notes(manifest, vocab, accuracy_level)
         bpw = None if manifest is None else manifest["summary"]["bpw"]
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {
             "format": META_FORMAT,
-            "version": 1,
+            "version": META_VERSION,
             "source": str(source),
             "kind": "uncompressed" if manifest is None else "artifact",
             "method": None if manifest is None else manifest.get("method"),
             "dtype": dtype,
             "zero_points": zero_points,
             "fused": fuse,
+            "graph": "fused" if fused else "plain",
+            "plain_because": None if fused or graph == "plain" else problem,
+            "kv_cache": "shared buffer" if fused else "grows by concatenation",
+            "vocab": vocab,
+            "notes": notes,
             "accuracy_level": accuracy_level,
             "bpw": bpw,
             "opset": OPSET,
@@ -849,9 +1155,11 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
     what = (f"{counts['matmulnbits']} linears as MatMulNBits{iq}, {counts['lowrank']} with L·R, artifact bpw "
             f"{bpw:.3f} (`lrdeploy inspect` gives the file's)"
             if manifest is not None else f"{counts['dense']} dense MatMuls (uncompressed baseline)")
-    message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {shape.layers} layers): "
-               f"{what}, in {seconds:.1f} s")
-    return {"output": str(out), "format": "onnx", **{k: meta[k] for k in ("kind", "dtype", "zero_points", "bpw")},
+    how = f"{meta['graph']} graph" + (f" ({meta['plain_because']})" if meta["plain_because"] else "")
+    message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {shape.layers} layers, {how}): "
+               f"{what}; embedding {vocab['embed']}, head {vocab['head']}; in {seconds:.1f} s")
+    keys = ("kind", "dtype", "zero_points", "bpw", "graph", "plain_because", "kv_cache", "vocab", "notes")
+    return {"output": str(out), "format": "onnx", **{k: meta[k] for k in keys},
             "linears": counts, "model_bytes": meta["model_bytes"], "seconds": round(seconds, 2), "message": message}
 
 

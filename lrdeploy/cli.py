@@ -253,6 +253,11 @@ def export(
     dtype: str | None = typer.Option(None, help="Float type of the uncompressed tensors: gguf f32|f16 "
                                         "(default f16); onnx fp32|fp16 (default fp32)."),
     merge: bool = typer.Option(False, "--merge", help="gguf: one file with Q + L·R requantized (no LoRA)."),
+    graph: str = typer.Option("auto", "--graph", help="onnx: fused (onnxruntime's GroupQueryAttention and fused "
+                              "RMSNorms, shared KV buffer) | plain (standard ops, growing cache) | auto (fused where "
+                              "the model fits it)."),
+    int8_activations: bool = typer.Option(False, "--int8-activations", help="onnx: let MatMulNBits quantize its "
+                                          "inputs to int8 (accuracy_level 4: faster on CPU, no longer exact)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
     as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
 ) -> None:
@@ -260,13 +265,16 @@ def export(
     if fmt == "gguf":
         from lrdeploy.exporters.gguf import export_gguf
 
+        if graph != "auto" or int8_activations:
+            raise LrdError("--graph and --int8-activations apply to --format onnx only")
         summary = export_gguf(source, output, dtype=dtype or "f16", merge=merge, force=force)
     elif fmt == "onnx":
         from lrdeploy.exporters.onnx import export_onnx
 
         if merge:
             raise LrdError("--merge applies to --format gguf only")
-        summary = export_onnx(source, output, dtype=dtype or "fp32", force=force)
+        summary = export_onnx(source, output, dtype=dtype or "fp32", force=force, graph=graph,
+                              accuracy_level=4 if int8_activations else 0)
     else:
         raise LrdError(f"unknown export format '{fmt}'; choose gguf or onnx")
     if as_json:
@@ -306,6 +314,8 @@ def inspect(
                   f"Q + L + R, scales included, over their weights; {source})", soft_wrap=True)
     else:
         out.print("linear bpw: none (no decoder linears recognized)", soft_wrap=True)
+    for note in info.get("notes") or []:
+        out.print(f"note: {note}", soft_wrap=True, markup=False)
     if verify:
         out.print(f"verified: {', '.join(info['verified']) or 'nothing recorded to check'}", soft_wrap=True)
         for line in info["checks"]:

@@ -103,10 +103,11 @@ def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
         if not (out / "export.json").is_file():
             export_gguf(source, out, dtype="f16", force=True)
     else:
-        from lrdeploy.exporters.onnx import export_onnx
+        from lrdeploy.exporters.onnx import META_VERSION, export_onnx
 
         out = cache / f"{key}-onnx-fp32"
-        if not (out / "lrdeploy_onnx.json").is_file():
+        meta = out / "lrdeploy_onnx.json"
+        if not meta.is_file() or json.loads(meta.read_text()).get("version") != META_VERSION:  # this exporter's graph
             export_onnx(source, out, dtype="fp32", force=True)
     return BenchModel(f"uncompressed ({backend})", str(out), backend, "baseline")
 

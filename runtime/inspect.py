@@ -99,6 +99,8 @@ def _artifact_rows(path: Path) -> tuple[list[dict], dict]:
 
 
 ONNX_FACTOR_SUFFIXES = (".lora_l_t", ".lora_r_t", ".q.offsets_t")  # lrdeploy's ONNX export: L, R and Q's offsets
+ONNX_LOWRANK = (".lora_l.q.", ".lora_r.q.")  # L and R stored as MatMulNBits blocks
+ONNX_VOCAB = ("model.embed_tokens.", "lm_head.")  # a quantized embedding or head: not a decoder linear
 
 
 def _matmulnbits_weights(graph) -> dict[str, int]:
@@ -108,8 +110,8 @@ def _matmulnbits_weights(graph) -> dict[str, int]:
         if node.op_type != "MatMulNBits" or len(node.input) < 2:
             continue
         attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
-        if attrs.get("K", 0) > 0 and attrs.get("N", 0) > 0:
-            packed[node.input[1]] = attrs["K"] * attrs["N"]
+        if attrs.get("K", 0) > 0 and attrs.get("N", 0) > 0:  # L and R: their linear's bytes, none of its weights
+            packed[node.input[1]] = 0 if any(m in node.input[1] for m in ONNX_LOWRANK) else attrs["K"] * attrs["N"]
         packed.update({name: 0 for name in node.input[2:] if name})
     return packed
 
@@ -155,14 +157,18 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
             except (KeyError, TypeError, ValueError):
                 nbytes = 0
         row = _row(t.name, type_, shape, nbytes, packed.get(t.name, _onnx_side_weights(t.name)))
-        row["linear"] = t.name in packed or _onnx_side_weights(t.name) == 0  # a quantized linear's bytes
+        row["linear"] = ((t.name in packed or _onnx_side_weights(t.name) == 0)  # a quantized linear's bytes
+                         and not t.name.startswith(ONNX_VOCAB))
         rows.append(row)
     if verify:
+        from lrdeploy.exporters.onnx import graph_problem
+
         try:
-            onnx.checker.check_model(str(path))
-        except Exception as e:  # ValidationError, and protobuf errors on what load let through
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise LrdError(f"ONNX {path} does not validate: {first}") from None
+            problem = graph_problem(path)
+        except Exception as e:  # protobuf errors on what load let through
+            problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if problem is not None:
+            raise LrdError(f"ONNX {path} does not validate: {problem}")
     return rows
 
 
@@ -329,17 +335,21 @@ def _onnx_linears(rows: list[dict], folder: Path) -> tuple[float | None, str]:
     return (bpw, "tensors") if bpw is not None else (_onnx_bpw(folder), "lrdeploy_onnx.json")
 
 
-def _onnx_bpw(folder: Path) -> float | None:
-    """The linears' bpw an ONNX export records (its artifact's: Q + L + R as the compressor stored them)."""
+def _onnx_meta(folder: Path) -> dict:
+    """lrdeploy_onnx.json of an export ({} where it is missing or unreadable)."""
     import json
 
     meta = folder / "lrdeploy_onnx.json"
-    if not meta.is_file():
-        return None
     try:
-        bpw = json.loads(meta.read_text()).get("bpw")
-    except (ValueError, AttributeError):
-        return None
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _onnx_bpw(folder: Path) -> float | None:
+    """The linears' bpw an ONNX export records (its artifact's: Q + L + R as the compressor stored them)."""
+    bpw = _onnx_meta(folder).get("bpw")
     return float(bpw) if isinstance(bpw, (int, float)) else None
 
 
@@ -387,7 +397,7 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         files = [f for f in path.iterdir() if f.name.startswith(ONNX_MODEL)]
         rows = onnx_tensors(path / ONNX_MODEL, verify)
         return _summary(rows, *_onnx_linears(rows, path), kind="onnx export",
-                        file_bytes=sum(f.stat().st_size for f in files),
+                        file_bytes=sum(f.stat().st_size for f in files), notes=_onnx_meta(path).get("notes") or [],
                         **_onnx_checks([ONNX_MODEL] if verify else []))
     if (path / WEIGHTS).is_file():
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")

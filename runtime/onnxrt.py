@@ -47,8 +47,9 @@ class DecoderIO:
     has_position_ids: bool
 
 
-def check_decoder_io(inputs: list, outputs: list, where: object) -> DecoderIO:
-    """Validate the session's inputs/outputs against the export's contract; one clear line when they don't fit."""
+def check_decoder_io(inputs: list, outputs: list, where: object, head_size: int | None = None) -> DecoderIO:
+    """Validate the session's inputs/outputs against the export's contract; one clear line when they don't fit.
+    HEAD_SIZE (genai_config.json's) stands in where the graph leaves the cache's last dim symbolic."""
     names = {i.name: i for i in inputs}
     out_names = {o.name for o in outputs}
     missing = [n for n in ("input_ids", "attention_mask") if n not in names]
@@ -68,7 +69,9 @@ def check_decoder_io(inputs: list, outputs: list, where: object) -> DecoderIO:
             if f"past_key_values.{i}.{kind}" not in names or f"present.{i}.{kind}" not in out_names:
                 raise LrdError(f"{where}: layer {i} lacks past_key_values.{i}.{kind} or present.{i}.{kind}")
     past = names["past_key_values.0.key"]
-    shape = past.shape
+    shape = list(past.shape)
+    if len(shape) == 4 and not isinstance(shape[3], int) and head_size:
+        shape[3] = int(head_size)
     if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int):
         raise LrdError(f"{where}: past_key_values.0.key has shape {shape}, expected [batch, kv_heads, past, head_dim]")
     if past.type not in _TYPES:
@@ -78,22 +81,40 @@ def check_decoder_io(inputs: list, outputs: list, where: object) -> DecoderIO:
 
 class OnnxDecoder:
     """`.tokenizer`, `.logits(ids)` (empty cache), `.generate(ids, n_new)` (greedy, cache step by step), `.bpw`, and
-    the streaming protocol of runtime/stream.py, the KV carried between calls as arrays."""
+    the streaming protocol of runtime/stream.py.
+
+    Two cache disciplines, as onnxruntime-genai's past_present_share_buffer says: a shared buffer (the fused graph's
+    GroupQueryAttention, and onnxruntime-genai's builder) is one preallocated [1, kv_heads, capacity, head_dim]
+    OrtValue per layer and kind, bound as both past and present so the op writes new positions in place; a growing
+    cache (the plain graph) is carried between calls as the arrays each step returns."""
 
     def __init__(self, session: Any, tokenizer: Any, io: DecoderIO, bpw: float | None, device: str,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, shared: bool = False):
         self.session, self.tokenizer, self.io, self.bpw, self.device = session, tokenizer, io, bpw, device
-        self.max_positions = max_positions
+        self.max_positions, self.shared = max_positions, shared
         self._outputs = [o.name for o in session.get_outputs()]
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, Any] = {}
         self._start, self._last = 0, None
 
     @property
     def kv_per_token(self) -> int:
         return kv_bytes_per_token(self.io.layers, self.io.kv_heads, self.io.head_dim, self.io.dtype().itemsize)
 
+    def _names(self) -> list[tuple[str, str]]:
+        return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(self.io.layers) for k in ("key", "value")]
+
     def reset(self, n_ctx: int) -> None:
-        self._cache, self._start = self.empty_cache(), 0
+        """An empty cache; with a shared buffer, room for N_CTX positions is allocated now."""
+        self._start, self._last = 0, None
+        if not self.shared:
+            self._cache = self.empty_cache()
+            return
+        import onnxruntime as ort
+
+        where = ("cuda", 0) if self.device == "cuda" else ("cpu", 0)
+        shape = (1, self.io.kv_heads, int(n_ctx), self.io.head_dim)
+        self._cache = {past: ort.OrtValue.ortvalue_from_shape_and_type(shape, self.io.dtype, *where)
+                       for past, _ in self._names()}
 
     def prefill(self, ids: list[int]) -> None:
         for i in range(0, len(ids), PREFILL_CHUNK):
@@ -103,16 +124,60 @@ class OnnxDecoder:
         for _ in range(n):
             self._advance(np.array([int(np.argmax(self._last))], np.int64))
 
-    def _advance(self, chunk: np.ndarray) -> None:
-        logits, self._cache = self.step(chunk, self._start, self._cache)
+    def _advance(self, chunk: np.ndarray) -> np.ndarray:
+        """Run CHUNK at the current position on the current cache; returns its logits [n, vocab]."""
+        if self.shared:
+            logits = self._run_shared(chunk)
+        elif self.device == "cuda":
+            logits = self._run_bound(chunk)
+        else:
+            logits, self._cache = self.step(chunk, self._start, self._cache)
         self._start += len(chunk)
         self._last = logits[-1]
+        return logits
+
+    def _run_shared(self, chunk: np.ndarray) -> np.ndarray:
+        capacity = next(iter(self._cache.values())).shape()[2]
+        if self._start + len(chunk) > capacity:
+            raise LrdError(f"the KV buffer holds {capacity} positions; {self._start + len(chunk)} were asked for")
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # outputs come back in the order they were bound
+        for k, v in self._feed(chunk, self._start).items():
+            binding.bind_cpu_input(k, v)
+        for past, present in self._names():
+            binding.bind_ortvalue_input(past, self._cache[past])
+            binding.bind_ortvalue_output(present, self._cache[past])
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0]
+
+    def _run_bound(self, chunk: np.ndarray) -> np.ndarray:
+        """A growing cache kept on the GPU between steps (IO binding)."""
+        import onnxruntime as ort
+
+        if not self._cache or isinstance(next(iter(self._cache.values())), np.ndarray):
+            self._cache = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in self._cache.items()}
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for k, v in self._feed(chunk, self._start).items():
+            binding.bind_cpu_input(k, v)
+        for past, present in self._names():
+            binding.bind_ortvalue_input(past, self._cache[past])
+            binding.bind_output(present, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        self._cache = {past: v for (past, _), v in zip(self._names(), values[1:], strict=True)}
+        return values[0].numpy()[0]
 
     def sync(self) -> None:
         pass
 
     def kv_bytes(self, tokens: int) -> int:
-        return sum(v.nbytes for v in self._cache.values())
+        """What the cache holds now: the whole preallocated buffer when shared."""
+        total = 0
+        for v in self._cache.values():
+            shape = v.shape if isinstance(v, np.ndarray) else v.shape()
+            total += int(np.prod(shape)) * self.io.dtype().itemsize
+        return total
 
     def close(self) -> None:
         self._cache = {}
@@ -127,7 +192,7 @@ class OnnxDecoder:
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         z = np.zeros((1, self.io.kv_heads, 0, self.io.head_dim), self.io.dtype)
-        return {f"past_key_values.{i}.{k}": z for i in range(self.io.layers) for k in ("key", "value")}
+        return {past: z for past, _ in self._names()}
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [n, vocab] of one sequence from an empty cache (float32)."""
@@ -135,61 +200,31 @@ class OnnxDecoder:
         (out,) = self.session.run(["logits"], feed)
         return torch.from_numpy(np.asarray(out[0], np.float32))
 
-    def step_logits(self, ids: torch.Tensor, prefill: int | None = None) -> torch.Tensor:
-        """Logits of every position of IDS, computed by a prefill of PREFILL tokens and then one token at a time."""
+    def step_logits(self, ids: torch.Tensor, prefill: int | list[int] | None = None) -> torch.Tensor:
+        """Logits of every position of IDS through the cache: a prefill of PREFILL tokens (or chunks of these sizes,
+        one after another), then one token at a time."""
         ids_np = np.asarray(ids.cpu(), np.int64)
-        prefill = len(ids_np) if prefill is None else prefill
-        rows, cache = [], self.empty_cache()
-        start = 0
-        for chunk in [ids_np[:prefill]] + [ids_np[i : i + 1] for i in range(prefill, len(ids_np))]:
-            logits, cache = self.step(chunk, start, cache)
-            rows.append(logits)
-            start += len(chunk)
-        return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+        sizes = [len(ids_np)] if prefill is None else [prefill] if isinstance(prefill, int) else list(prefill)
+        bounds = np.cumsum([0, *sizes]).tolist()
+        chunks = [ids_np[a:b] for a, b in zip(bounds, bounds[1:])]
+        chunks += [ids_np[i : i + 1] for i in range(bounds[-1], len(ids_np))]
+        self.reset(len(ids_np))
+        return torch.from_numpy(np.concatenate([self._advance(c) for c in chunks]).astype(np.float32))
 
     def step(self, chunk: np.ndarray, start: int, cache: dict) -> tuple[np.ndarray, dict]:
-        """Run CHUNK at position START on CACHE; returns (logits of the chunk, the grown cache)."""
+        """Run CHUNK at position START on a growing CACHE; returns (logits of the chunk, the grown cache)."""
         outs = self.session.run(self._outputs, {**self._feed(chunk, start), **cache})
         by_name = dict(zip(self._outputs, outs, strict=True))
-        new_cache = {f"past_key_values.{i}.{k}": by_name[f"present.{i}.{k}"]
-                     for i in range(self.io.layers) for k in ("key", "value")}
-        return by_name["logits"][0], new_cache
+        return by_name["logits"][0], {past: by_name[present] for past, present in self._names()}
 
     def generate(self, ids: torch.Tensor, n_new: int) -> list[int]:
         """Greedy: prefill IDS, then feed back the argmax N_NEW−1 times through the KV cache (no stop at EOS)."""
-        if self.device == "cuda":
-            return self._generate_bound(np.asarray(ids.cpu(), np.int64), n_new)
-        chunk, start, cache = np.asarray(ids.cpu(), np.int64), 0, self.empty_cache()
+        chunk = np.asarray(ids.cpu(), np.int64)
+        self.reset(len(chunk) + n_new)
         out: list[int] = []
         while len(out) < n_new:
-            logits, cache = self.step(chunk, start, cache)
-            start += len(chunk)
+            logits = self._advance(chunk)
             out.append(int(np.argmax(logits[-1])))
-            chunk = np.array([out[-1]], np.int64)
-        return out
-
-    def _generate_bound(self, ids: np.ndarray, n_new: int) -> list[int]:
-        """The same loop with IO binding: the cache stays on the GPU between steps."""
-        import onnxruntime as ort
-
-        cache = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in self.empty_cache().items()}
-        chunk, start, out = ids, 0, []
-        while len(out) < n_new:
-            binding = self.session.io_binding()
-            for k, v in self._feed(chunk, start).items():
-                binding.bind_cpu_input(k, v)
-            for k, v in cache.items():
-                binding.bind_ortvalue_input(k, v)
-            names = ["logits"] + [f"present.{i}.{k}" for i in range(self.io.layers) for k in ("key", "value")]
-            binding.bind_output("logits", "cpu")
-            for name in names[1:]:
-                binding.bind_output(name, "cuda", 0)
-            self.session.run_with_iobinding(binding)
-            values = dict(zip(names, binding.get_outputs(), strict=True))
-            cache = {f"past_key_values.{i}.{k}": values[f"present.{i}.{k}"]
-                     for i in range(self.io.layers) for k in ("key", "value")}
-            start += len(chunk)
-            out.append(int(np.argmax(values["logits"].numpy()[0, -1])))
             chunk = np.array([out[-1]], np.int64)
         return out
 
@@ -219,7 +254,10 @@ def open_onnxruntime(path: Path, device: str = "auto", threads: int | None = Non
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LrdError(f"onnxruntime cannot load {model}: {first}") from None
-    io = check_decoder_io(session.get_inputs(), session.get_outputs(), model)
+    genai = _genai_config(folder)
+    decoder = genai.get("model", {}).get("decoder", {})
+    io = check_decoder_io(session.get_inputs(), session.get_outputs(), model, decoder.get("head_size"))
+    shared = bool(genai.get("search", {}).get("past_present_share_buffer", False))
     bpw = None
     if (folder / META_FILE).is_file():
         try:
@@ -235,7 +273,18 @@ def open_onnxruntime(path: Path, device: str = "auto", threads: int | None = Non
     used = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
     config = folder / "config.json"
     limit = json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
-    return OnnxDecoder(session, tokenizer, io, bpw, used, limit)
+    return OnnxDecoder(session, tokenizer, io, bpw, used, limit, shared)
+
+
+def _genai_config(folder: Path) -> dict:
+    """genai_config.json beside the model ({} without one): its cache discipline and head size."""
+    path = folder / "genai_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise LrdError(f"{path} is not valid JSON") from None
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

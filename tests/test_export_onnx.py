@@ -130,17 +130,18 @@ def test_matmulnbits_reproduces_iquants(fmt, zero_points, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_artifacts(tiny_llama, tiny_qwen2, calib_text, tmp_path_factory):
-    """Cheap artifacts: CALDERA q2_k (+ L·R in q4_0) on llama, RTN q4_0 on qwen2 (q/k/v biases), LDLQ iq2_xs."""
+    """Cheap artifacts: CALDERA q2_k (+ L·R in q4_0) on llama, RTN q4_0 on qwen2 (q/k/v biases; its embedding in
+    q4_k, affine with zero points and offsets, which unties the head: float), LDLQ iq2_xs."""
     from lrdeploy.compressor.driver import CompressOptions, compress
     from lrdeploy.compressor.sources import open_source
 
     root = tmp_path_factory.mktemp("onnx_tiny")
     out = {}
-    for key, src, method, fmt in (("llama_q2_k", tiny_llama, "caldera", "q2_k"),
-                                  ("qwen2_q4_0", tiny_qwen2, "rtn", "q4_0"),
-                                  ("llama_iq2_xs", tiny_llama, "ldlq", "iq2_xs")):
+    for key, src, method, fmt, embed in (("llama_q2_k", tiny_llama, "caldera", "q2_k", None),
+                                         ("qwen2_q4_0", tiny_qwen2, "rtn", "q4_0", "q4_k"),
+                                         ("llama_iq2_xs", tiny_llama, "ldlq", "iq2_xs", None)):
         opts = CompressOptions(method=method, q_format=fmt, calib=calib_text, calib_tokens=1024, seq_len=128,
-                               iters=1, lplr_iters=1, target="any", device="cpu")
+                               iters=1, lplr_iters=1, target="any", device="cpu", embed_type=embed)
         compress(open_source(str(src)), opts, root / key)
         out[key] = root / key
     return out
@@ -154,6 +155,14 @@ def test_tiny_export_matches_torch(tiny_artifacts, key, tmp_path):
     summary = export_onnx(str(art), tmp_path / "onnx")
     assert summary["linears"]["matmulnbits"] == 14 and "MatMulNBits" in summary["message"]
     assert summary["linears"]["lowrank"] == (14 if key == "llama_q2_k" else 0)
+    tables = read_manifest(art)["tensors"]
+    for role, name in (("embed", "model.embed_tokens.weight"), ("head", "lm_head.weight")):
+        entry = tables.get(name)  # no head entry: tied
+        want = ("tied to the embedding" if entry is None else f"{entry['q_format']} as " if entry["q_format"]
+                else "float32 matrix")
+        assert summary["vocab"][role].startswith(want), (role, summary["vocab"][role])
+    if key == "qwen2_q4_0":  # q4_k: zero points and offsets in the lookup; the head untied, in floats
+        assert summary["vocab"] == {"embed": "q4_k as 4-bit GatherBlockQuantized", "head": "float32 matrix"}
     iquants = sum(e["q_format"].startswith("iq") for e in read_manifest(art)["linears"].values())
     assert summary["linears"]["iquant_8bit"] == iquants == (10 if key == "llama_iq2_xs" else 0)  # q2 mix: k/v q4_k
     for name in ("model.onnx", "genai_config.json", "tokenizer.json", "lrdeploy_onnx.json"):
@@ -177,7 +186,8 @@ def test_tiny_fp16_float_zp_and_unfused_variants(tiny_artifacts, tmp_path):
     ids = torch.arange(5, 45)
     ref = _torch_logits(model, ids)
     for name, kwargs, tol in (("fp16", {"dtype": "fp16"}, 2e-2), ("float", {"zero_points": "float"}, REL),
-                              ("unfused", {"fuse": False}, REL)):
+                              ("unfused", {"fuse": False}, REL), ("plain", {"graph": "plain"}, REL),
+                              ("plain-fp16", {"graph": "plain", "dtype": "fp16"}, 2e-2)):
         export_onnx(str(art), tmp_path / name, **kwargs)
         m = open_onnxruntime(tmp_path / name, "cpu")
         assert _rel_err(m.logits(ids), ref) < tol, name
@@ -186,9 +196,87 @@ def test_tiny_fp16_float_zp_and_unfused_variants(tiny_artifacts, tmp_path):
     assert meta["zero_points"] == "float" and meta["dtype"] == "fp32"
 
 
+def test_fused_graph_ops_cache_and_quantized_vocab(tiny_artifacts, tmp_path):
+    """The default graph: onnxruntime's fused ops, one shared KV buffer per layer, the embedding and head kept in
+    their stored blocks (GatherBlockQuantized + MatMulNBits), L and R as MatMulNBits; prefill in chunks through the
+    shared buffer equals one pass, and both equal the torch artifact."""
+    import onnx
+
+    from lrdeploy.artifact import load_artifact, read_manifest
+
+    art = tiny_artifacts["llama_q2_k"]
+    summary = export_onnx(str(art), tmp_path / "onnx")
+    assert summary["graph"] == "fused" and summary["kv_cache"] == "shared buffer"
+    tables = read_manifest(art)["tensors"]
+    assert summary["vocab"]["embed"] == f"{tables['model.embed_tokens.weight']['q_format']} as 4-bit GatherBlockQuantized"
+    assert summary["linears"]["lowrank_nbits"] == summary["linears"]["lowrank"] == 14
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"} <= ops
+    assert not ops & {"Softmax", "Concat", "ReduceMean"}  # no hand-built attention, cache copy or RMSNorm
+    assert "position_ids" not in {i.name for i in graph.input}
+    genai = json.loads((tmp_path / "onnx" / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    model, _ = load_artifact(art)
+    m = open_onnxruntime(tmp_path / "onnx", "cpu")
+    assert m.shared
+    ids = torch.randint(0, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(3))
+    ref = _torch_logits(model, ids)
+    one = m.logits(ids)
+    assert _rel_err(one, ref) < REL
+    chunked = m.step_logits(ids, prefill=[7, 1, 16, 8])  # then 16 single steps
+    assert _rel_err(chunked, one) < REL
+    assert m.kv_bytes(48) == m.kv_per_token * 48  # one buffer of the asked capacity, filled in place
+    with pytest.raises(LrdError, match="KV buffer holds 48 positions"):
+        m.decode(1)
+
+
+def test_source_blocks_decode_as_ggml(tmp_path):
+    """A source's q4_1 and q6_k embedding/head map onto MatMulNBits exactly: the values onnxruntime computes with
+    equal gguf-py's dequantization bit for bit; a type without an exact form is left to floats."""
+    import gguf
+
+    from lrdeploy.exporters.onnx import nbits_from_blocks
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 512)).astype(np.float32)
+    q41 = gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q4_1)
+    q6k = rng.integers(0, 256, (8, 2, 210), dtype=np.uint8)  # gguf-py has no q6_k quantizer: random blocks
+    q6k[..., 208:210] = (rng.standard_normal((8, 2, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    for fmt, raw in (("q4_1", q41), ("q6_k", q6k.reshape(8, -1))):
+        ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt.upper()])
+        w = nbits_from_blocks(fmt, raw, (8, 512))
+        np.testing.assert_array_equal(nbits_dequant(w), ref)
+        (tmp_path / fmt).mkdir()
+        y = _linear_session(w, tmp_path / fmt)(np.eye(512, dtype=np.float32))  # the identity returns Wᵀ
+        np.testing.assert_array_equal(y.T, ref)
+    assert nbits_from_blocks("q5_0", gguf.quants.quantize(W, gguf.GGMLQuantizationType.Q5_0), (8, 512)) is None
+
+
+def test_fused_graph_refusal_and_fallback(tiny_phi3, tmp_path, cli):
+    """A rotary width GroupQueryAttention cannot take: --graph fused refuses in one line, auto falls back to the
+    plain graph and says why."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_phi3))
+    config.rope_parameters["partial_rotary_factor"] = 0.375  # 24 of 64 dims
+    src = tmp_path / "phi3-partial"
+    config.save_pretrained(str(src))
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (src / f).symlink_to(tiny_phi3 / f)
+    code, _, err = cli("export", src, "--format", "onnx", "-o", tmp_path / "fused", "--graph", "fused")
+    assert code == 2 and "rotary dims in multiples of 16" in err and "--graph plain" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "fused").exists()
+    code, out, err = cli("export", src, "--format", "onnx", "-o", tmp_path / "auto", "--json")
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["graph"] == "plain" and "rotates 24" in row["plain_because"]
+
+
 def test_tiny_batch_with_left_padding(tiny_artifacts, tmp_path):
-    """attention_mask zeros hide pad tokens: a left-padded row gives the logits of the same sequence alone."""
-    export_onnx(str(tiny_artifacts["llama_q2_k"]), tmp_path / "onnx")
+    """attention_mask zeros hide pad tokens: a left-padded row of the plain graph gives the logits of the same
+    sequence alone (the fused graph's GroupQueryAttention takes right padding only)."""
+    export_onnx(str(tiny_artifacts["llama_q2_k"]), tmp_path / "onnx", graph="plain")
     m = open_onnxruntime(tmp_path / "onnx", "cpu")
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 1000, 12), rng.integers(0, 1000, 7)

@@ -1,273 +1,289 @@
-"""CPU benchmark of the ONNX exports of SmolLM2: prefill and decode tokens/s, split Q + L·R against fp32.
+"""lrdeploy's ONNX exports against onnxruntime-genai's model builder on SmolLM2-135M, in one `lrdeploy bench` run.
 
-Variants, timed side by side (interleaved) in one process, medians of --runs runs after a warm-up:
-  * compressed, zero points "auto" (the default): integer zero points only, so every MatMulNBits weight is
-    prepacked by MLAS; the affine q2_k/q4_k blocks split off their offsets into BlockSum(x)·offsetsᵀ;
-  * compressed, zero points "float": DESIGN.md's first mapping (q2_k as bits 2 with float zero points, float zero
-    points on q4_0 too), the most compact, which makes onnxruntime dequantize every weight on every call;
-  * compressed, integer zero points with accuracy_level 4: onnxruntime quantizes the activations to int8 inside
-    MatMulNBits (its fast CPU kernels; no longer exact, so its perplexity is reported);
-  * the uncompressed model exported in fp32 with plain MatMuls (the baseline).
-Perplexity of each: WikiText-2 validation second half, ctx 256, the first --ppl-windows windows.
-Peak memory (RSS high-water mark, as the OS reports it) comes from one short child process per variant.
+    python tools/bench_onnx.py [--work DIR] [--ctx 256,1024] [--runs 3] [--threads 2] [--ppl-windows 40]
+                               [--budget 512MiB] [--no-write] [--only-report]
 
-    python tools/bench_onnx.py [--artifact DIR] [--work DIR] [--prompt 128] [--decode 64] [--runs 5] [--threads 2]
-                               [--ppl-windows 4] [--genai-python VENV/bin/python]
+What it does, each step cached in --work (the lrdeploy cache's bench_onnx by default) so a rerun only measures:
 
-Without --artifact it compresses SmolLM2 once with the test suite's cheap settings (caldera, q2_k, target gguf,
-2048 calibration tokens, 1 iteration) into --work and reuses it afterwards. Writes the "onnx" section of
-docs/results.md.
+1. compresses SmolLM2 twice with the calibration of the peers section (first half of the WikiText-2 validation
+   text), both with the embedding (= the tied head) in q4_0 so the files come out at the builder's size:
+   `--method rtn --q-format q4_0` and `--method caldera --q-format q2_k --rank 32 --lr-format q4_0 --fallback q4_0`
+   (SmolLM2's 576-wide linears hold no q2_k super-block; their fallback is q4_0, which ONNX runs at 4 bits);
+2. exports each with the default fused graph, exact (float activations) and with `--int8-activations`, and the rtn
+   artifact also as the plain graph;
+3. writes SmolLM2 as an HF directory and runs the builder on it:
+   `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu` (onnx-ir, which the builder imports, is
+   installed into --work, not into the venv);
+4. runs `lrdeploy bench` over all of them with the fp32 export as the baseline: load memory, prefill and decode
+   at each --ctx, the longest context in --budget, and perplexity on the second half of the text (--ppl-windows
+   windows of 512 tokens);
+5. measures what the onnxruntime session alone holds after load in a fresh process (onnxruntime and numpy only, no
+   tokenizer, no torch), and checks that onnxruntime-genai loads our fused export and generates lrdeploy's greedy
+   tokens;
+6. writes the "onnx" section of docs/results.md, with the bench's report and plots in docs/bench-onnx/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lrdeploy.io import cache_root
+from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
+
+from lrdeploy.io import cache_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
+REPORT = REPO / "docs" / "bench-onnx"
+CALIB = ["--calib", str(WIKITEXT), "--calib-range", "0:0.5", "--target", "gguf", "--embed-type", "q4_0",
+         "--output-type", "q4_0"]
+ARTIFACTS = {
+    "rtn q4_0": ["--method", "rtn", "--q-format", "q4_0"],
+    "caldera q2_k + r32 q4_0": ["--method", "caldera", "--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0",
+                                "--fallback", "q4_0"],  # iq4_nl, the GGUF default, is 8-bit in ONNX
+}
+EXPORTS = [  # (label, artifact, export flags)
+    ("lrdeploy rtn q4_0, fused", "rtn q4_0", []),
+    ("lrdeploy rtn q4_0, fused, int8 activations", "rtn q4_0", ["--int8-activations"]),
+    ("lrdeploy rtn q4_0, plain graph", "rtn q4_0", ["--graph", "plain"]),
+    ("lrdeploy caldera q2_k + r32 q4_0, fused", "caldera q2_k + r32 q4_0", []),
+    ("lrdeploy caldera q2_k + r32 q4_0, fused, int8 activations", "caldera q2_k + r32 q4_0", ["--int8-activations"]),
+]
+BUILDER = "onnxruntime-genai builder int4"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
 
 
-def ensure_artifact(work: Path) -> Path:
-    """The SmolLM2 artifact the tests use (cheap CALDERA defaults), compressed once and cached in WORK."""
-    from lrdeploy.artifact import is_artifact
-    from lrdeploy.compressor.driver import CompressOptions, compress
-    from lrdeploy.compressor.sources import open_source
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
-    out = work / "smol-artifact"
-    if not is_artifact(out):
-        calib = str(WIKITEXT)
-        opts = CompressOptions(calib=calib, calib_range="0:0.5", calib_tokens=2048, seq_len=256, iters=1,
-                               lplr_iters=1, device="cpu")
-        print(f"compressing SmolLM2 into {out} ...", flush=True)
-        compress(open_source("smollm2"), opts, out, force=True)
+
+def artifact(work: Path, label: str) -> Path:
+    out = work / "art" / slug(label)
+    if not (out / "lrdeploy.json").is_file():
+        print(f"compressing {label} ...", flush=True)
+        again = "--resume" if out.with_name(out.name + ".partial").is_dir() else "--force"
+        run_json(["compress", "smollm2", "-o", str(out), *CALIB, *ARTIFACTS[label], again, "--json"])
     return out
 
 
-def ensure_exports(artifact: Path, work: Path) -> dict[str, Path]:
-    from lrdeploy.exporters.onnx import export_onnx
-
-    variants = {
-        "Q + L·R, integer zero points": (str(artifact), work / "onnx-auto", "auto", 0),
-        "Q + L·R, float zero points": (str(artifact), work / "onnx-float", "float", 0),
-        "Q + L·R, integer zp, int8 activations": (str(artifact), work / "onnx-int8", "auto", 4),
-        "uncompressed fp32": ("smollm2", work / "onnx-fp32", "auto", 0),
-    }
-    out = {}
-    for name, (source, path, zp, level) in variants.items():
-        print(f"exporting {name} -> {path}", flush=True)
-        export_onnx(source, path, dtype="fp32", force=True, zero_points=zp, accuracy_level=level)
-        out[name] = path
+def export(work: Path, label: str, art: Path, flags: list[str]) -> Path:
+    out = work / "onnx" / slug(label)
+    if not (out / "lrdeploy_onnx.json").is_file():
+        run_json(["export", str(art), "--format", "onnx", "-o", str(out), *flags, "--force", "--json"])
     return out
 
 
-def _prompt(tokenizer, n: int) -> np.ndarray:
-    from lrdeploy.compressor.text import load_text, tokenize
+def builder(work: Path) -> Path:
+    """The builder's int4 CPU export of SmolLM2, from an HF directory of the source's weights."""
+    out = work / "onnx" / slug(BUILDER)
+    if (out / "genai_config.json").is_file():
+        return out
+    hf = work / "smollm2-hf"
+    if not (hf / "config.json").is_file():
+        from lrdeploy.compressor.model import load_full
+        from lrdeploy.compressor.sources import open_source
 
-    text = load_text(str(WIKITEXT), "0.5:1")
-    return np.asarray(tokenize(tokenizer, text)[:n], np.int64)
-
-
-def ppl(m, windows: int) -> float:
-    """Perplexity on the first WINDOWS ctx-256 windows of the WikiText-2 validation second half."""
-    from lrdeploy.compressor.text import eval_windows, load_text, tokenize
-    from lrdeploy.runtime.eval import perplexity
-
-    text = load_text(str(WIKITEXT), "0.5:1")
-    return perplexity(m.logits, eval_windows(tokenize(m.tokenizer, text), 256, windows)).ppl
-
-
-def time_once(m, ids: np.ndarray, n_decode: int) -> tuple[float, float]:
-    """(prefill seconds for IDS from an empty cache, seconds for N_DECODE single-token steps after it)."""
-    t0 = time.perf_counter()
-    logits, cache = m.step(ids, 0, m.empty_cache())
-    t1 = time.perf_counter()
-    start, tok = len(ids), int(np.argmax(logits[-1]))
-    for _ in range(n_decode):
-        logits, cache = m.step(np.array([tok], np.int64), start, cache)
-        start += 1
-        tok = int(np.argmax(logits[-1]))
-    return t1 - t0, time.perf_counter() - t1
+        src = open_source("smollm2")
+        load_full(src.config, src.tensor).save_pretrained(str(hf), safe_serialization=True)
+        src.tokenizer().save_pretrained(str(hf))
+    pylib = work / "pylib"
+    if not (pylib / "onnx_ir").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(pylib), "onnx-ir"],
+                       check=True)
+    env = {**__import__("os").environ, "PYTHONPATH": str(pylib)}
+    print("running onnxruntime-genai's builder ...", flush=True)
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")], env=env, capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise SystemExit(f"the builder failed: {r.stderr.strip()[-1500:]}")
+    return out
 
 
-RSS_SCRIPT = """
-import resource, sys, numpy as np, onnxruntime as ort
+SESSION_RSS = """
+import sys, onnxruntime as ort
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+before = rss()
 so = ort.SessionOptions()
 so.intra_op_num_threads = int(sys.argv[2])
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
-past = [i for i in s.get_inputs() if i.name.startswith("past_key_values.")]
-n, decode = int(sys.argv[3]), int(sys.argv[4])
-cache = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past}
-names = [o.name for o in s.get_outputs()]
-ids = np.arange(100, 100 + n, dtype=np.int64)[None]
-for step in range(decode + 1):
-    t = ids.shape[1]
-    start = n + step - 1 if step else 0
-    feed = {"input_ids": ids, "attention_mask": np.ones((1, start + t), np.int64),
-            "position_ids": np.arange(start, start + t, dtype=np.int64)[None], **cache}
-    out = dict(zip(names, s.run(names, feed)))
-    cache = {k: out[k.replace("past_key_values", "present")] for k in cache}
-    ids = np.array([[int(out["logits"][0, -1].argmax())]], np.int64)
-hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]  # ru_maxrss survives exec
-print(int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(rss() - before)
 """
 
 
-def child_rss(path: Path, prompt: int, decode: int, threads: int) -> float:
-    """Peak RSS (MiB) of a fresh process (onnxruntime and numpy only) that prefills PROMPT tokens, decodes DECODE."""
-    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path / "model.onnx"), str(threads), str(prompt),
-                        str(decode)], capture_output=True, text=True, check=True)
-    return float(r.stdout.strip().splitlines()[-1])
+def session_rss(path: Path, threads: int) -> int:
+    """Bytes an onnxruntime session of PATH adds to a fresh process's RSS (median of 3 processes)."""
+    runs = [int(subprocess.run([sys.executable, "-c", SESSION_RSS, str(path / "model.onnx"), str(threads)],
+                               capture_output=True, text=True, check=True).stdout.split()[-1]) for _ in range(3)]
+    return sorted(runs)[1]
 
 
-GENAI_SCRIPT = """
+GENAI = """
 import json, sys
 import onnxruntime_genai as og
 model = og.Model(sys.argv[1])
-params = og.GeneratorParams(model)
-ids = json.loads(sys.argv[2])
-params.set_search_options(max_length=len(ids) + int(sys.argv[3]), do_sample=False)
-gen = og.Generator(model, params)
-gen.append_tokens(ids)
-out = []
-while not gen.is_done():
-    gen.generate_next_token()
-    out.append(int(gen.get_next_tokens()[0]))
-print(json.dumps({"genai": og.__version__, "new_ids": out}))
+out = {}
+for prompt, ids in json.loads(sys.argv[2]).items():
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 32, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    new = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    out[prompt] = new
+print(json.dumps({"genai": og.__version__, "new": out}))
 """
 
 
-def genai_check(python: str, path: Path, m, prompts: list[str], n_new: int) -> str:
-    """Greedy tokens from onnxruntime-genai (its own interpreter: it pins the CPU onnxruntime) vs ours."""
+def genai_check(path: Path) -> str:
     import torch
 
-    lines = []
-    for prompt in prompts:
-        ids = list(m.tokenizer(prompt)["input_ids"])
-        r = subprocess.run([python, "-c", GENAI_SCRIPT, str(path), json.dumps(ids), str(n_new)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            return f"onnxruntime-genai could not run {path}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
-        got = json.loads(r.stdout.strip().splitlines()[-1])
-        ours = m.generate(torch.tensor(ids), n_new)
-        lines.append(f"{prompt!r}: {'same' if got['new_ids'] == ours else 'DIFFERENT'} {n_new} tokens")
-    return f"onnxruntime-genai {got['genai']} loads the export and its greedy output vs lrdeploy's: " + "; ".join(lines)
-
-
-def run(args: argparse.Namespace) -> str:
     from lrdeploy.runtime.onnxrt import open_onnxruntime
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    artifact = Path(args.artifact) if args.artifact else ensure_artifact(work)
-    paths = ensure_exports(artifact, work)
-    models = {}
-    for name, path in paths.items():
-        t0 = time.perf_counter()
-        models[name] = open_onnxruntime(path, "cpu", threads=args.threads)
-        models[name].load_s = time.perf_counter() - t0
-    ids = _prompt(next(iter(models.values())).tokenizer, args.prompt)
-    for m in models.values():  # warm-up
-        time_once(m, ids, 4)
-    pre: dict[str, list[float]] = {k: [] for k in models}
-    dec: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(args.runs):
-        for name, m in models.items():
-            p, d = time_once(m, ids, args.decode)
-            pre[name].append(len(ids) / p)
-            dec[name].append(args.decode / d)
-    base = "uncompressed fp32"
-    rows = []
-    for name, path in paths.items():
-        meta = json.loads((path / "lrdeploy_onnx.json").read_text())
-        rss = child_rss(path, args.prompt, 8, args.threads)
-        p, d = statistics.median(pre[name]), statistics.median(dec[name])
-        rows.append((name, meta, p, d, rss, models[name].load_s, ppl(models[name], args.ppl_windows)))
-    ref_p = next(r[2] for r in rows if r[0] == base)
-    ref_d = next(r[3] for r in rows if r[0] == base)
-    man = json.loads((artifact / "lrdeploy.json").read_text())
-    o = man["options"]
+    m = open_onnxruntime(path, "cpu")
+    ids = {p: list(m.tokenizer(p)["input_ids"]) for p in PROMPTS}
+    r = subprocess.run([sys.executable, "-c", GENAI, str(path), json.dumps(ids)], capture_output=True, text=True)
+    if r.returncode:
+        return f"onnxruntime-genai could not run {path.name}: {(r.stderr.strip().splitlines() or ['?'])[-1]}"
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    same = [p for p in PROMPTS if got["new"][p] == m.generate(torch.tensor(ids[p]), 32)]
+    return (f"onnxruntime-genai {got['genai']} loads the fused export and generates lrdeploy's greedy tokens for "
+            f"{len(same)} of {len(PROMPTS)} prompts (32 new tokens each)")
+
+
+def _mb(n: float | None) -> str:
+    return "–" if n is None else f"{n / 1e6:.1f}"
+
+
+def report(bench: dict, labels: dict[str, str], a: argparse.Namespace, genai: str, sessions: dict[str, int]) -> str:
+    ctxs = bench["ctx"]
+    models = bench["models"]
+    base = next(m for m in models if m["role"] == "baseline")
+    peer = next(m for m in models if m["path"] == labels[BUILDER])
+    name = {v: k for k, v in labels.items()}
+    mach = bench["machine"]
     lines = [
-        "## ONNX Runtime (CPU EP): SmolLM2-135M, split Q + L·R vs fp32",
+        "## ONNX Runtime (CPU EP): lrdeploy's exports against onnxruntime-genai's builder (SmolLM2-135M)",
         "",
-        f"`python tools/bench_onnx.py --artifact ART --prompt {args.prompt} --decode {args.decode} --runs {args.runs} "
-        f"--threads {args.threads} --ppl-windows {args.ppl_windows}`, ART = {man['method']} {o['q_format']} rank "
-        f"{o['rank']} L/R {o['lr_format']}, target {o['target']}, {man['calibration']['tokens']} calibration tokens "
-        f"(bpw {man['summary']['bpw']:.3f}; {man['summary']['fallbacks']} of {man['summary']['linears']} linears fell "
-        f"back from {o['q_format']}). onnxruntime {_ort_version()}, {args.threads} intra-op threads, "
-        f"{platform.machine()}, a {_cores()}-core machine shared with other jobs.",
+        f"`python tools/bench_onnx.py --ctx {a.ctx} --runs {a.runs} --threads {a.threads} --ppl-windows "
+        f"{a.ppl_windows} --budget {a.budget}` (one `lrdeploy bench` run over every row; its report and plots are in "
+        f"docs/bench-onnx/). onnxruntime {mach['onnxruntime']}, {a.threads} threads, {mach['cpu']}, "
+        f"{mach['cores']} cores, load average {mach['load_average']:.1f} at the start.",
         "",
-        f"Prefill: one {len(ids)}-token prompt from an empty cache; decode: {args.decode} single-token steps with the "
-        f"KV cache after it. Medians of {args.runs} interleaved runs after a warm-up; ratios against the fp32 export "
-        "in the same run. Peak RSS: VmHWM of a fresh process (onnxruntime + numpy) that loads the model, prefills "
-        f"and decodes 8 tokens. ppl: WikiText-2 validation second half, {args.ppl_windows} windows of 256 tokens.",
+        "- Ours: SmolLM2 compressed on the first half of the WikiText-2 validation text with the embedding (= the tied "
+        "head) in q4_0, exported with the default fused graph (GroupQueryAttention with one shared KV buffer per "
+        "layer, SkipSimplifiedLayerNormalization, RoPE inside the attention, the embedding as GatherBlockQuantized "
+        "and the head as MatMulNBits over the same q4_0 blocks, L and R as q4_0 MatMulNBits). \"exact\" keeps "
+        "MatMulNBits' activations in float32 (the export reproduces the artifact's logits); \"int8 activations\" is "
+        "`--int8-activations` (accuracy_level 4, as the builder uses).",
+        "- The builder: `python -m onnxruntime_genai.models.builder -i SMOLLM2_HF -o OUT -p int4 -e cpu`, "
+        "symmetric int4 RTN in blocks of 32 with accuracy_level 4, tied embedding through GatherBlockQuantized.",
+        "- The baseline: `lrdeploy export smollm2 --format onnx` (fp32, fused graph).",
+        f"- ppl: `lrdeploy bench`'s, second half of the same text, {a.ppl_windows} windows of 512 tokens. load MiB: "
+        "`lrdeploy bench`'s RSS growth from opening the model (the onnxruntime session and the tokenizer); session "
+        "MiB: what the onnxruntime session alone adds to a fresh process (onnxruntime and numpy only); × file: over "
+        "the file bytes. Longest context: the most tokens whose whole-process peak (interpreter, torch and "
+        f"transformers included, as the bench runs) stays in {a.budget}. Speeds are medians of {a.runs} runs; "
+        "× builder compares decode with its row.",
         "",
-        "| variant | model bytes | ppl | prefill tok/s | × fp32 | decode tok/s | × fp32 | peak RSS MiB | load s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| export | file MB | ppl | load MiB | session MiB | × file | " + " | ".join(
+            f"prefill {c} tok/s | decode {c} tok/s | × builder" for c in ctxs) + f" | ctx in {a.budget} |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(ctxs) + "---:|",
     ]
-    for name, meta, p, d, rss, load, pp in rows:
-        lines.append(f"| {name} | {meta['model_bytes'] / 1e6:.1f} MB | {pp:.3f} | {p:.0f} | {p / ref_p:.2f} | "
-                     f"{d:.1f} | {d / ref_d:.2f} | {rss:.0f} | {load:.1f} |")
-    lines += [
-        "",
-        "Each compressed linear is `MatMulNBits(Q) + MatMul(MatMul(x, Rᵀ), Lᵀ)` (q/k/v and gate/up fused into one "
-        "wider linear each); L and R are fp32 MatMuls. Integer zero points: q4_0 uses the op's default zero point 8 "
-        "(ggml's own), q2_k is stored as 4-bit codes + 8 with its offsets subtracted as BlockSum(x)·offsetsᵀ; "
-        "onnxruntime prepacks all of them. Float zero points: q2_k as 2-bit codes with zp = offset/scale, q4_0 with "
-        "zp 8.0; onnxruntime's CPU kernel takes no prepacked path with float zero points and dequantizes each "
-        "weight on every call.",
+    for m in models:
+        label = "uncompressed fp32 (lrdeploy export)" if m is base else name.get(m["path"], m["label"])
+        cells = []
+        for i, c in enumerate(m["ctx"]):
+            ratio = c["decode_tps"] / peer["ctx"][i]["decode_tps"]
+            cells += [f"{c['prefill_tps']:.0f}", f"{c['decode_tps']:.0f}", f"{ratio:.2f}"]
+        ppl = m.get("ppl", {}).get("ppl") if isinstance(m.get("ppl"), dict) else m.get("ppl")
+        max_ctx = (m.get("max_ctx") or {}).get("tokens")
+        sess = sessions.get(m["path"])
+        sess_cells = "– | –" if sess is None else f"{sess / 2**20:.0f} | {sess / m['bytes']:.2f}"
+        lines.append(f"| {label} | {_mb(m['bytes'])} | {'–' if ppl is None else f'{ppl:.2f}'} | "
+                     f"{m['rss_after_load'] / 2**20:.0f} | {sess_cells} | "
+                     + " | ".join(cells) + f" | {'–' if max_ctx is None else f'{max_ctx:,}'} |")
+    lines += ["", genai + ".", "", *goals(models, base, peer, labels, sessions, a)]
+    return "\n".join(lines) + "\n"
+
+
+def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], sessions: dict[str, int],
+          a: argparse.Namespace) -> list[str]:
+    """The issue's goals, each met or not with its number, for the rtn q4_0 exports (the ones at the builder's size)."""
+    by = {m["path"]: m for m in models}
+    exact, int8 = by[labels[EXPORTS[0][0]]], by[labels[EXPORTS[1][0]]]
+
+    def ppl(m: dict) -> float:
+        return m["ppl"]["ppl"] if isinstance(m.get("ppl"), dict) else m["ppl"]
+
+    def ratio(m: dict, key: str, ref: dict) -> str:
+        return ", ".join(f"{c[key] / r[key]:.2f}× at {c['ctx']}" for c, r in zip(m["ctx"], ref["ctx"], strict=True))
+
+    def tokens(m: dict) -> int:
+        return (m.get("max_ctx") or {}).get("tokens") or 0
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    decode_ok = all(c["decode_tps"] >= r["decode_tps"] for c, r in zip(exact["ctx"], peer["ctx"], strict=True))
+    int8_ok = all(c["decode_tps"] >= r["decode_tps"] for c, r in zip(int8["ctx"], peer["ctx"], strict=True))
+    fp32_ok = all(c["decode_tps"] >= 2 * r["decode_tps"] for c, r in zip(exact["ctx"], base["ctx"], strict=True))
+    pre_ok = all(c["prefill_tps"] >= 0.9 * r["prefill_tps"] for c, r in zip(exact["ctx"], peer["ctx"], strict=True))
+    sess = sessions[exact["path"]] / exact["bytes"]
+    return [
+        "**The goals** (rtn q4_0, fused; the builder's row is the reference):",
+        f"- size and quality: {mark(exact['bytes'] <= peer['bytes'] and ppl(exact) < ppl(peer))}: "
+        f"{exact['bytes'] / 1e6:.1f} MB against {peer['bytes'] / 1e6:.1f} MB, ppl {ppl(exact):.2f} against "
+        f"{ppl(peer):.2f} ({100 * (ppl(exact) / ppl(peer) - 1):+.1f}%);",
+        f"- decode ≥ the builder's: {mark(decode_ok)} with exact float activations ({ratio(exact, 'decode_tps', peer)}); "
+        f"{mark(int8_ok)} with `--int8-activations` ({ratio(int8, 'decode_tps', peer)}), the builder's own setting;",
+        f"- decode ≥ 2× lrdeploy's fp32 export: {mark(fp32_ok)} ({ratio(exact, 'decode_tps', base)});",
+        f"- prefill ≥ 0.9× the builder's: {mark(pre_ok)} ({ratio(exact, 'prefill_tps', peer)});",
+        f"- memory after load ≤ 1.3× the file: {mark(sess <= 1.3)} for the session alone ({sess:.2f}×; the builder's "
+        f"{sessions[peer['path']] / peer['bytes']:.2f}×); with the tokenizer, as `lrdeploy bench` counts it, "
+        f"{exact['rss_after_load'] / exact['bytes']:.2f}× (the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×);",
+        f"- longest context in {a.budget} ≥ the builder's: {mark(tokens(exact) >= tokens(peer))} ({tokens(exact):,} "
+        f"against {tokens(peer):,} tokens).",
     ]
-    if args.genai_python:
-        name = "Q + L·R, integer zero points"
-        lines += ["", genai_check(args.genai_python, paths[name], models[name], list(PROMPTS), 32) + "."]
-    return "\n".join(lines)
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--artifact", default=None, help="SmolLM2 artifact to export (default: compress one into --work)")
-    p.add_argument("--work", default=str(cache_root() / "bench_onnx"), help="where the artifact and exports are "
-                   "kept (default: bench_onnx in the lrdeploy cache, $LRDEPLOY_CACHE)")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--decode", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--work", default=str(cache_root() / "bench_onnx"))
+    p.add_argument("--ctx", default="256,1024")
+    p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ppl-windows", type=int, default=4)
-    p.add_argument("--genai-python", default=None, help="a Python with onnxruntime-genai installed (kept apart: it "
-                   "pins the CPU onnxruntime); checks that genai loads the export and generates the same tokens")
+    p.add_argument("--ppl-windows", type=int, default=40)
+    p.add_argument("--budget", default="512MiB")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
-    args = p.parse_args()
-    if args.runs < 3:
-        p.error("--runs must be at least 3 (medians of >= 3 runs)")
-    text = run(args)
+    p.add_argument("--only-report", action="store_true", help="rewrite the section from the last run's bench.json")
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    arts = {label: artifact(work, label) for label in ARTIFACTS}
+    labels = {label: str(export(work, label, arts[art], flags)) for label, art, flags in EXPORTS}
+    labels[BUILDER] = str(builder(work))
+    genai = genai_check(Path(labels[EXPORTS[0][0]]))
+    if a.only_report:
+        bench = json.loads((work / "bench.json").read_text())
+    else:
+        print("benchmarking ...", flush=True)
+        bench = run_json(["bench", *labels.values(), "--baseline", "smollm2", "--backend", "onnxruntime", "--ctx",
+                          a.ctx, "--runs", str(a.runs), "--threads", str(a.threads), "--memory-budget", a.budget,
+                          "--ppl-text", str(WIKITEXT), "--ppl-range", "0.5:1", "--ppl-windows", str(a.ppl_windows),
+                          "--report", str(REPORT), "--json", "-q"])
+        (work / "bench.json").write_text(json.dumps(bench, indent=1))
+    sessions = {m["path"]: session_rss(Path(m["path"]), a.threads) for m in bench["models"]}
+    text = report(bench, labels, a, genai, sessions)
     print(text)
-    if not args.no_write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from report_sections import update_section
-
+    if not a.no_write:
         update_section("onnx", text)
 
 
