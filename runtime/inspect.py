@@ -136,6 +136,9 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
     except Exception as e:  # DecodeError, RuntimeWarning-as-error, OSError, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LrdError(f"cannot read ONNX {path}: {first}") from None
+    names = [t.name for t in model.graph.initializer] + [n for node in model.graph.node for n in node.input]
+    if not all(isinstance(n, str) for n in names):  # protobuf hands back bytes where a name is not valid UTF-8
+        raise LrdError(f"cannot read ONNX {path}: a tensor name is not valid UTF-8")
     packed = _matmulnbits_weights(model.graph)
     rows = []
     for t in model.graph.initializer:
