@@ -36,7 +36,8 @@ from lrdeploy.exporters.onnx import (
     vocab_weights,
 )
 
-ROTARY_MULTIPLE = 16  # GroupQueryAttention's CPU kernel takes cos/sin tables whose width (rotary_dim / 2) is a multiple of 8
+# GroupQueryAttention's CPU kernel takes cos/sin tables whose width (rotary_dim / 2) is a multiple of 8
+ROTARY_MULTIPLE = 16
 
 
 def fused_problem(s: DecoderShape) -> str | None:

@@ -101,7 +101,8 @@ class OnnxDecoder:
         return kv_bytes_per_token(self.io.layers, self.io.kv_heads, self.io.head_dim, self.io.dtype().itemsize)
 
     def _names(self) -> list[tuple[str, str]]:
-        return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}") for i in range(self.io.layers) for k in ("key", "value")]
+        return [(f"past_key_values.{i}.{k}", f"present.{i}.{k}")
+                for i in range(self.io.layers) for k in ("key", "value")]
 
     def reset(self, n_ctx: int) -> None:
         """An empty cache; with a shared buffer, room for N_CTX positions is allocated now."""
@@ -206,7 +207,7 @@ class OnnxDecoder:
         ids_np = np.asarray(ids.cpu(), np.int64)
         sizes = [len(ids_np)] if prefill is None else [prefill] if isinstance(prefill, int) else list(prefill)
         bounds = np.cumsum([0, *sizes]).tolist()
-        chunks = [ids_np[a:b] for a, b in zip(bounds, bounds[1:])]
+        chunks = [ids_np[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
         chunks += [ids_np[i : i + 1] for i in range(bounds[-1], len(ids_np))]
         self.reset(len(ids_np))
         return torch.from_numpy(np.concatenate([self._advance(c) for c in chunks]).astype(np.float32))

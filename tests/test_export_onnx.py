@@ -208,7 +208,8 @@ def test_fused_graph_ops_cache_and_quantized_vocab(tiny_artifacts, tmp_path):
     summary = export_onnx(str(art), tmp_path / "onnx")
     assert summary["graph"] == "fused" and summary["kv_cache"] == "shared buffer"
     tables = read_manifest(art)["tensors"]
-    assert summary["vocab"]["embed"] == f"{tables['model.embed_tokens.weight']['q_format']} as 4-bit GatherBlockQuantized"
+    embed = tables["model.embed_tokens.weight"]["q_format"]
+    assert summary["vocab"]["embed"] == f"{embed} as 4-bit GatherBlockQuantized"
     assert summary["linears"]["lowrank_nbits"] == summary["linears"]["lowrank"] == 14
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}

@@ -25,8 +25,8 @@ from itertools import product
 
 import numpy as np
 
-VARIANTS = [(bits, block, zp, acc) for bits, block, zp, acc in product((2, 4, 8), (16, 32, 64), ("none", "uint8", "float"),
-                                                                          (0, 4))
+VARIANTS = [(bits, block, zp, acc)
+            for bits, block, zp, acc in product((2, 4, 8), (16, 32, 64), ("none", "uint8", "float"), (0, 4))
             if not (bits == 8 and zp == "float")]  # no float zero-point kernel at 8 bits
 
 
@@ -69,7 +69,8 @@ def build(n: int, k: int, bits: int, block: int, zp: str, acc: int, rng: np.rand
                             block_size=block, **extra)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS

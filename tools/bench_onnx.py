@@ -242,13 +242,15 @@ def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], se
         f"- size and quality: {mark(exact['bytes'] <= peer['bytes'] and ppl(exact) < ppl(peer))}: "
         f"{exact['bytes'] / 1e6:.1f} MB against {peer['bytes'] / 1e6:.1f} MB, ppl {ppl(exact):.2f} against "
         f"{ppl(peer):.2f} ({100 * (ppl(exact) / ppl(peer) - 1):+.1f}%);",
-        f"- decode ≥ the builder's: {mark(decode_ok)} with exact float activations ({ratio(exact, 'decode_tps', peer)}); "
+        f"- decode ≥ the builder's: {mark(decode_ok)} with exact float activations "
+        f"({ratio(exact, 'decode_tps', peer)}); "
         f"{mark(int8_ok)} with `--int8-activations` ({ratio(int8, 'decode_tps', peer)}), the builder's own setting;",
         f"- decode ≥ 2× lrdeploy's fp32 export: {mark(fp32_ok)} ({ratio(exact, 'decode_tps', base)});",
         f"- prefill ≥ 0.9× the builder's: {mark(pre_ok)} ({ratio(exact, 'prefill_tps', peer)});",
         f"- memory after load ≤ 1.3× the file: {mark(sess <= 1.3)} for the session alone ({sess:.2f}×; the builder's "
         f"{sessions[peer['path']] / peer['bytes']:.2f}×); with the tokenizer, as `lrdeploy bench` counts it, "
-        f"{exact['rss_after_load'] / exact['bytes']:.2f}× (the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×);",
+        f"{exact['rss_after_load'] / exact['bytes']:.2f}× "
+        f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×);",
         f"- longest context in {a.budget} ≥ the builder's: {mark(tokens(exact) >= tokens(peer))} ({tokens(exact):,} "
         f"against {tokens(peer):,} tokens).",
     ]
