@@ -182,12 +182,6 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
     return NBitsWeight(bits, grid.block, n, k, B, scale.astype(np.float32), zp, offsets)
 
 
-def grids_block(fmt: str) -> int:
-    from lrdeploy.compressor import grids
-
-    return grids.get_grid(fmt).block
-
-
 def _lattice_formats() -> dict:
     from lrdeploy.compressor import lattice
 
@@ -398,7 +392,6 @@ class Weights:
                  tables: dict | None = None):
         self._tensor, self._has, self.linears, self._raw, self.zero_points = tensor, has, linears, raw, zero_points
         self.tables = tables or {}  # the artifact's stored formats of the embedding and the head
-        self.vocab_formats: dict[str, str] = {}  # how the graph holds them, once built
         # linears by how the graph computes them; "iquant_8bit" counts the MatMulNBits that hold an i-quant at 8 bits
         self.counts = {"matmulnbits": 0, "lowrank": 0, "lowrank_nbits": 0, "dense": 0, "iquant_8bit": 0}
 
@@ -422,10 +415,13 @@ class Weights:
             self.counts["iquant_8bit"] += entry["q_format"] in _lattice_formats()
         if entry["rank"]:
             self.counts["lowrank"] += 1
+            from lrdeploy.compressor import grids
+
             lr = entry.get("lr_format")
             n, k = entry["shape"]
             r = entry["rank"]
-            if lr in NBITS_FORMATS and self._raw is not None and r % grids_block(lr) == 0 and k % grids_block(lr) == 0:
+            block = grids.get_grid(lr).block if lr in NBITS_FORMATS else None
+            if block and self._raw is not None and r % block == 0 and k % block == 0:
                 out.lora_lq = nbits_from_ggml(lr, self._raw(name + ".lora_l"), (n, r), self.zero_points)
                 out.lora_rq = nbits_from_ggml(lr, self._raw(name + ".lora_r"), (r, k), self.zero_points)
                 self.counts["lowrank_nbits"] += 1
@@ -520,20 +516,18 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
         return outs[0] if outputs == 1 else outs
 
-    def node(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+    def node(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", name: str | None = None,
+             **attrs) -> list[str]:
         """A node with fixed output names ("" for an optional output left out)."""
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type), domain=domain or None,
-                                           **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(name or op_type),
+                                           domain=domain or None, **attrs))
         return outputs
 
     def output(self, op_type: str, out: str, *inputs: str, **attrs) -> str:
         """A node whose output is a graph output (fixed name)."""
-        from onnx import helper
-
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self.fresh(out), **attrs))
-        return out
+        return self.node(op_type, list(inputs), [out], name=out, **attrs)[0]
 
     def close(self) -> None:
         self._data.close()
@@ -581,25 +575,13 @@ def fuse_linears(ws: list[LinearWeights]) -> LinearWeights | None:
     if has_lrq:  # R stacked; L block-diagonal, its off-diagonal blocks scale 0 (exact zeros under the default zp)
         out.lora_rq = _stack([w.lora_rq for w in ws])
         ls = [w.lora_lq for w in ws]
-        kbs = [q.k // q.block_size for q in ls]
-        B = np.zeros((sum(sizes), sum(kbs), ls[0].B.shape[2]), np.uint8)
-        scales = np.zeros((sum(sizes), sum(kbs)), np.float32)
-        row = col = 0
-        for q, kb in zip(ls, kbs, strict=True):
-            B[row : row + q.n, col : col + kb] = q.B
-            scales[row : row + q.n, col : col + kb] = q.scales
-            row, col = row + q.n, col + kb
-        out.lora_lq = NBitsWeight(ls[0].bits, ls[0].block_size, sum(sizes), sum(q.k for q in ls), B, scales, None)
+        out.lora_lq = NBitsWeight(ls[0].bits, ls[0].block_size, sum(sizes), sum(q.k for q in ls),
+                                  _block_diagonal([q.B for q in ls]), _block_diagonal([q.scales for q in ls]), None)
     if has_dense:
         out.dense = np.concatenate([w.dense for w in ws])
     if has_lr:
         out.lora_r = np.concatenate([w.lora_r for w in ws])
-        ranks = [w.lora_r.shape[0] for w in ws]
-        out.lora_l = np.zeros((sum(sizes), sum(ranks)), np.float32)
-        row = col = 0
-        for w, n, r in zip(ws, sizes, ranks, strict=True):
-            out.lora_l[row : row + n, col : col + r] = w.lora_l
-            row, col = row + n, col + r
+        out.lora_l = _block_diagonal([w.lora_l for w in ws])
     if any(w.bias is not None for w in ws):
         out.bias = np.concatenate([w.bias if w.bias is not None else np.zeros(n, np.float32)
                                    for w, n in zip(ws, sizes, strict=True)])
@@ -611,6 +593,17 @@ def _stackable(qs: list[NBitsWeight], same_k: bool = True) -> bool:
     kinds = {(q.bits, q.block_size, q.k if same_k else 0, None if q.zero_points is None else q.zero_points.dtype,
               q.offsets is None) for q in qs}
     return len(kinds) == 1
+
+
+def _block_diagonal(parts: list[np.ndarray]) -> np.ndarray:
+    """PARTS on the diagonal of their first two axes, zeros elsewhere (any trailing axes are shared)."""
+    out = np.zeros((sum(p.shape[0] for p in parts), sum(p.shape[1] for p in parts), *parts[0].shape[2:]),
+                   parts[0].dtype)
+    row = col = 0
+    for p in parts:
+        out[row : row + p.shape[0], col : col + p.shape[1]] = p
+        row, col = row + p.shape[0], col + p.shape[1]
+    return out
 
 
 def _stack(qs: list[NBitsWeight]) -> NBitsWeight:
@@ -692,14 +685,14 @@ class Vocab:
     formats: dict[str, str]
 
 
-def vocab_weights(g: Graph, s: DecoderShape, w: Weights, quantize: bool = True) -> Vocab:
+def vocab_weights(g: Graph, s: DecoderShape, w: Weights) -> Vocab:
     """The embedding and head initializers. A stored block format with an exact MatMulNBits form stays quantized
     (GatherBlockQuantized for the lookup, MatMulNBits for the head); anything else is a float matrix in the graph's
     dtype. A tied model holds one copy, which the lookup reads through a Reshape."""
     from lrdeploy.compressor.embeddings import EMBED, HEAD
 
     def one(name: str, role: str) -> tuple[NBitsWeight | None, dict[str, str], str]:
-        fmt, q = w.blocks(name) if quantize else (None, None)
+        fmt, q = w.blocks(name)
         if q is not None:
             kind = f"{fmt} as {q.bits}-bit {'GatherBlockQuantized' if role == 'embed' else 'MatMulNBits'}"
             return q, nbits_inits(g, q, name.removesuffix(".weight")), kind
@@ -713,7 +706,6 @@ def vocab_weights(g: Graph, s: DecoderShape, w: Weights, quantize: bool = True) 
     else:
         hq, hinits, hkind = one(HEAD, "head")
         v = Vocab(eq, einits, hq, hinits, {"embed": ekind, "head": hkind})
-    w.vocab_formats = v.formats
     return v
 
 
@@ -805,9 +797,9 @@ def decoder_model(g: Graph, inputs: list, outputs: list):
     return model
 
 
-def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
+def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True) -> tuple[object, dict[str, str]]:
     """The plain decoder graph: attention, masks, RoPE and RMSNorm from standard ONNX ops; the KV cache grows by a
-    Concat per step (so past and present are separate tensors)."""
+    Concat per step (so past and present are separate tensors). Returns (model, how it holds embedding and head)."""
     inputs, outputs = decoder_io(s, g.onnx_dtype)
     vocab = vocab_weights(g, s, w)
     x = _embed(g, s, vocab)
@@ -818,7 +810,7 @@ def build_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
         kind = s.layer_types[i]
         x = _block(g, s, w, f"model.layers.{i}.", i, x, tables[kind], masks[kind], scale, fuse)
     _logits(g, s, vocab, _rms_norm(g, x, w, "model.norm.weight", s))
-    return decoder_model(g, inputs, outputs)
+    return decoder_model(g, inputs, outputs), vocab.formats
 
 
 def _rope_tables(g: Graph, s: DecoderShape) -> dict[str, tuple[str, str]]:
@@ -1114,8 +1106,7 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
     with staged_output(out, force) as tmp:
         g = Graph(tmp / DATA_FILE, DTYPES[dtype], accuracy_level)
         try:
-            model = (build_fused_decoder if fused else build_decoder)(g, shape, weights, fuse)
-            vocab = weights.vocab_formats
+            model, vocab = (build_fused_decoder if fused else build_decoder)(g, shape, weights, fuse)
         finally:
             g.close()
         _save(model, g, tmp)

@@ -113,12 +113,10 @@ def _attention(g: Graph, s: DecoderShape, w: Weights, p: str, i: int, h: str, ca
 
 
 def build_fused_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
-    """The whole fused decoder graph (no position_ids input: GroupQueryAttention counts positions itself)."""
+    """The whole fused decoder graph (no position_ids input: GroupQueryAttention counts positions itself), for a
+    model fused_problem accepts. Returns (model, how it holds embedding and head)."""
     from onnx import TensorProto
 
-    problem = fused_problem(s)
-    if problem is not None:
-        raise ValueError(problem)
     fam = s.family
     inputs, outputs = decoder_io(s, g.onnx_dtype, position_ids=False)
     vocab = vocab_weights(g, s, w)
@@ -141,4 +139,4 @@ def build_fused_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True
         following = f"model.layers.{i + 1}.{fam.attn_norm}.weight" if i + 1 < s.layers else "model.norm.weight"
         h, x = _skip_norm(g, mlp, x, w, following, s)
     _logits(g, s, vocab, h)
-    return decoder_model(g, inputs, outputs)
+    return decoder_model(g, inputs, outputs), vocab.formats

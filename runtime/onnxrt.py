@@ -127,9 +127,7 @@ class OnnxDecoder:
 
     def _advance(self, chunk: np.ndarray) -> np.ndarray:
         """Run CHUNK at the current position on the current cache; returns its logits [n, vocab]."""
-        if self.shared:
-            logits = self._run_shared(chunk)
-        elif self.device == "cuda":
+        if self.shared or self.device == "cuda":
             logits = self._run_bound(chunk)
         else:
             logits, self._cache = self.step(chunk, self._start, self._cache)
@@ -137,36 +135,31 @@ class OnnxDecoder:
         self._last = logits[-1]
         return logits
 
-    def _run_shared(self, chunk: np.ndarray) -> np.ndarray:
-        capacity = next(iter(self._cache.values())).shape()[2]
-        if self._start + len(chunk) > capacity:
-            raise LrdError(f"the KV buffer holds {capacity} positions; {self._start + len(chunk)} were asked for")
+    def _run_bound(self, chunk: np.ndarray) -> np.ndarray:
+        """One step through IO binding: a shared buffer is written in place (present bound to past), a growing cache
+        stays on the GPU between steps (present bound to new device tensors)."""
+        import onnxruntime as ort
+
+        if self.shared:
+            capacity = next(iter(self._cache.values())).shape()[2]
+            if self._start + len(chunk) > capacity:
+                raise LrdError(f"the KV buffer holds {capacity} positions; {self._start + len(chunk)} were asked for")
+        elif not self._cache or isinstance(next(iter(self._cache.values())), np.ndarray):
+            self._cache = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in self._cache.items()}
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # outputs come back in the order they were bound
         for k, v in self._feed(chunk, self._start).items():
             binding.bind_cpu_input(k, v)
         for past, present in self._names():
             binding.bind_ortvalue_input(past, self._cache[past])
-            binding.bind_ortvalue_output(present, self._cache[past])
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()[0]
-
-    def _run_bound(self, chunk: np.ndarray) -> np.ndarray:
-        """A growing cache kept on the GPU between steps (IO binding)."""
-        import onnxruntime as ort
-
-        if not self._cache or isinstance(next(iter(self._cache.values())), np.ndarray):
-            self._cache = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in self._cache.items()}
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")
-        for k, v in self._feed(chunk, self._start).items():
-            binding.bind_cpu_input(k, v)
-        for past, present in self._names():
-            binding.bind_ortvalue_input(past, self._cache[past])
-            binding.bind_output(present, "cuda", 0)
+            if self.shared:
+                binding.bind_ortvalue_output(present, self._cache[past])
+            else:
+                binding.bind_output(present, "cuda", 0)
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()
-        self._cache = {past: v for (past, _), v in zip(self._names(), values[1:], strict=True)}
+        if not self.shared:
+            self._cache = {past: v for (past, _), v in zip(self._names(), values[1:], strict=True)}
         return values[0].numpy()[0]
 
     def sync(self) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def builder(work: Path) -> Path:
     if not (pylib / "onnx_ir").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(pylib), "onnx-ir"],
                        check=True)
-    env = {**__import__("os").environ, "PYTHONPATH": str(pylib)}
+    env = {**os.environ, "PYTHONPATH": str(pylib)}
     print("running onnxruntime-genai's builder ...", flush=True)
     r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                         "-p", "int4", "-e", "cpu", "-c", str(work / "builder-cache")], env=env, capture_output=True,
