@@ -26,14 +26,16 @@ class HessianFactor:
     U: Tensor  # upper Cholesky of H⁻¹ (LDLQ error feedback)
 
 
-def hessian_factor(H: Tensor, damp: float = 0.01) -> HessianFactor:
+def hessian_factor(H: Tensor, damp: float = 0.01, consume: bool = False) -> HessianFactor:
     """Damp H by damp·mean(diag H) (dead inputs get a unit diagonal) and factor it, in float32.
 
     float32 keeps 11008-wide layers fast on CPU; if rounding leaves H not positive definite the damping grows
-    tenfold until it is. Memory is the point on wide layers (an 8960-wide H is 321 MB): the damping is added to
-    one copy's diagonal in place, and H⁻¹ lives only until its Cholesky factor exists.
+    tenfold until it is. Memory is the point on wide layers (an 8960-wide H is 321 MB): the damping goes onto one
+    copy's diagonal in place (onto H itself with CONSUME, for a caller that drops H), and the upper factor of H⁻¹
+    overwrites H⁻¹ in its own buffer, so the peak is three such matrices: damped H, S, and H⁻¹ becoming U.
     """
-    Hd = H.float().clone()
+    Hd = H.float() if consume else H.float().clone()
+    del H
     diag = torch.diagonal(Hd)
     dead = diag <= 0
     diag[dead] = 1.0
@@ -43,11 +45,12 @@ def hessian_factor(H: Tensor, damp: float = 0.01) -> HessianFactor:
         diag.copy_(base + damp * mean)
         S, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(S)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
+            U = torch.cholesky_inverse(S)
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
             if int(info) == 0:
                 return HessianFactor(Hd, S, U)
+            del U
+        del S
         damp = max(damp * 10, 1e-6)
     raise ValueError("H is not positive definite even after heavy damping")
 
@@ -237,8 +240,8 @@ def solve_gram(G: Tensor, B: Tensor, eye: Tensor) -> Tensor:
 
 
 def _keep_best(best: LowRank | None, best_err: float, cand: LowRank, AS: Tensor, S: Tensor) -> tuple[LowRank, float]:
-    D = cand.L.values @ (cand.R.values @ S) - AS
-    err = float(D.square().sum(dtype=torch.float64))
+    D = (cand.L.values @ (cand.R.values @ S)).sub_(AS)
+    err = float(D.square_().sum(dtype=torch.float64))
     return (cand, err) if err < best_err else (best, best_err)
 
 

@@ -123,6 +123,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
         if vocab.untie:
             emb.untie_config(tmp / "config.json")
         rundir.save_vocab(tmp / "base.safetensors", _base_tensors(source, vocab), state, state_file)
+        rundir.note_peak(state, "embedding and head")
 
     get = source.tensor
     x = source.rows(emb.EMBED, calib).to(device)  # only the calibration ids' rows: the table is never built
@@ -158,13 +159,15 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
             stages = state.setdefault("stage_seconds", {})
             tensors, entries, parts = _compress_block(
                 teacher, arch, prefix, plans, o, student_x if o.inputs == "student" else None,
-                teacher_x if o.inputs == "teacher" else None, ctx, progress, stages)
+                teacher_x if o.inputs == "teacher" else None, ctx, progress, stages,
+                lambda where: rundir.note_peak(state, where))
             records = {k: v.to_json() for k, v in entries.items()}
             if modes:
                 y = run_block(teacher, teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
                 report = dst.distill_block(teacher, prefix, parts, tensors, records, o, teacher_x, student_x, y, ctx,
                                         dctxs[i], steps, i)
                 state.setdefault("distill", []).append(report)
+                rundir.note_peak(state, f"{prefix}: distillation")
             rundir.save_shard(shard, tensors, teacher, prefix, arch)
             del tensors, parts  # block i's damped H (321 MB for an 8960-wide down_proj) must not meet block i+1's
             state["linears"].update(records)
@@ -180,10 +183,12 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
             student_x = run_block(student, student_x, ctx, o.batch_size)
             del student
             rundir.add_seconds(state, "student_forward", time.perf_counter() - t1)
+            rundir.note_peak(state, f"{prefix}: compressed block's forward")
         if y is not None:
             teacher_x, y = y, None
         elif teacher_x is not None:
             teacher_x = run_block(teacher, teacher_x, ctx, o.batch_size)
+            rundir.note_peak(state, f"{prefix}: original block's forward")
         model.model.layers[i] = None  # drop the block: peak memory must not grow with depth
         del teacher
         if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
@@ -192,6 +197,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
         norm = materialize(model.model.norm, "model.norm.", get, device)
         importance = emb.input_importance(norm, student_x if student_x is not None else teacher_x, o.batch_size)
         head = emb.encode(source, vocab.head_from, vocab.head, vocab.shape, importance)
+        rundir.note_peak(state, "head with its input importance")
         rundir.save_vocab(tmp / "head.safetensors", {emb.HEAD: head}, state, state_file)
     manifest = _finish(source, o, tmp, out, state, calib, time.perf_counter() - t_start, device)
     return CompressResult(out, manifest)
@@ -219,12 +225,15 @@ def _compress_block(
     ctx: dict,
     progress: Progress | None,
     stages: dict[str, float],
+    peak: Callable[[str], None],
 ) -> tuple[dict[str, torch.Tensor], dict[str, LinearEntry], dict[str, tuple[dec.Decomposition, torch.Tensor]]]:
     """Compress the linears of one block, group by group, with H from student or teacher inputs.
 
-    Also returns each linear's decomposition and damped H, which distillation starts from and re-measures with.
+    Also returns each linear's decomposition and damped H, which distillation starts from and re-measures with
+    (empty when the run does not distill).
     """
     student = copy.deepcopy(teacher)
+    keep_parts = bool(o.distill_modes())
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, LinearEntry] = {}
     parts: dict[str, tuple[dec.Decomposition, torch.Tensor]] = {}
@@ -239,8 +248,9 @@ def _compress_block(
         h_stages = hook_h(student, arch.groups, student_x, ctx, o.batch_size)
     for group in arch.groups:
         release_freed_memory()
-        fac = dec.hessian_factor(next(h_stages), o.damp)  # H itself is not kept: fac.H is its damped copy
+        fac = dec.hessian_factor(next(h_stages), o.damp, consume=True)  # fac.H: H, damped in place
         stages["h_collection"] = stages.get("h_collection", 0.0) + time.perf_counter() - t_h
+        peak(f"{prefix}{group[0]}: H and its factors")
         for name in group:
             full = prefix + name
             plan = plans[full]
@@ -263,7 +273,9 @@ def _compress_block(
                 bytes=dec.linear_bytes(part, full),
             )
             _swap(student, name, d, bias)
-            parts[name] = (d, fac.H)
+            peak(f"{full}: decomposition")
+            if keep_parts:  # only distillation reads them: otherwise each linear's values would be held twice
+                parts[name] = (d, fac.H)
             if progress:
                 progress(f"layer {prefix.split('.')[2]} {name}")
         t_h = time.perf_counter()  # the next group's H starts here: its activations come from the swapped linears
@@ -286,6 +298,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
     shards = [tmp / "base.safetensors"] + sorted((tmp / "layers").glob("*.safetensors"))
     shards += [f for f in (tmp / "head.safetensors",) if f.is_file()]
     merge_safetensors(tmp / WEIGHTS, shards)
+    rundir.note_peak(state, "merging the shards")
     linears = state["linears"]
     vocab = _vocab_records(source, tmp, state)
     manifest = {
@@ -314,6 +327,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
             "device": str(device),
             "host": platform.node(),
             "threads": torch.get_num_threads(),
+            "peak_rss": state.get("peak_rss"),  # where the run's resident memory peaked (all parts of a resume)
         },
         "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
     }

@@ -317,23 +317,40 @@ def _super_from_real(grid: Grid, real: _Real, n_super: int) -> Tensor:
     return torch.stack([d, dmin], -1)
 
 
-def fit_super(grid: Grid, w: Tensor, importance: Tensor | None = None) -> Tensor:
-    """Per super-block fp16-exact [d, dmin] (float32) chosen so the 4/6-bit sub-scales can express each block's fit."""
+def fit_super(grid: Grid, w: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18) -> Tensor:
+    """Per super-block fp16-exact [d, dmin] (float32) chosen so the 4/6-bit sub-scales can express each block's fit.
+
+    Super-blocks are independent, so they are fitted CHUNK weights at a time: the fit's dozen same-size temporaries
+    then stay small instead of each costing the whole matrix.
+    """
     w = w.to(torch.float32)
     n_super = w.shape[0]
     if not grid.has_super:
         return torch.zeros(n_super, 2, device=w.device, dtype=torch.float32)
+    step = max(1, chunk // w.shape[1])
+    if n_super > step:
+        per_row = importance is not None and importance.dim() == 2 and importance.shape[0] == n_super
+        return torch.cat([fit_super(grid, w[i : i + step], importance[i : i + step] if per_row else importance, chunk)
+                          for i in range(0, n_super, step)])
     wb = w.reshape(-1, grid.block)
     x = _weights(importance, w)
     real = _real_fit(grid, wb, None if x is None else x.reshape(-1, grid.block))
     return _super_from_real(grid, real, n_super)
 
 
-def _error(grid: Grid, w: Tensor, x: Tensor | None, scale: Tensor, offset: Tensor) -> Tensor:
+def _error(grid: Grid, w: Tensor, x: Tensor | None, scale: Tensor, offset: Tensor,
+           chunk: int = 1 << 23) -> Tensor:
     """Weighted squared error of rounding w [m, B] with (scale, offset) [..., m]; fused in-place, ranking-accurate.
 
-    Leading dimensions of scale/offset evaluate several candidates at once ([C, m] -> [C, m] errors).
+    Leading dimensions of scale/offset evaluate several candidates at once ([C, m] -> [C, m] errors), a slice of
+    blocks at a time so that the C·m·B temporary stays near CHUNK floats: 16 q2_k candidates over a whole
+    8960×1536 matrix would otherwise hold 0.9 GB at once.
     """
+    per = max(1, chunk // (w.shape[-1] * max(1, scale[..., :1].numel())))
+    if w.shape[0] > per:
+        return torch.cat([_error(grid, w[i : i + per], None if x is None else x[i : i + per],
+                                 scale[..., i : i + per], offset[..., i : i + per], chunk)
+                          for i in range(0, w.shape[0], per)], -1)
     lo, hi = _levels(grid)
     s = scale.unsqueeze(-1)
     num = w + offset.unsqueeze(-1) if grid.affine else w
@@ -421,9 +438,17 @@ def _unpack_2bit(b: Tensor) -> Tensor:
     return ((b.view(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
 
 
-def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None) -> Tensor:
-    """ggml's exact bytes (1-D uint8, n_super*type_size) for codes[n_super, super_block] in flattened block order."""
+def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None, chunk: int = 1 << 20) -> Tensor:
+    """ggml's exact bytes (1-D uint8, n_super*type_size) for codes[n_super, super_block] in flattened block order.
+
+    Packed CHUNK weights at a time: the int32 working copies of a whole 8960×1536 matrix would cost 0.4 GB.
+    """
     n = codes.shape[0]
+    step = max(1, chunk // grid.super_block)
+    if n > step:
+        bcs = block_codes.reshape(n, -1, 2)
+        return torch.cat([pack(grid, codes[i : i + step], bcs[i : i + step], None if sup is None else sup[i : i + step],
+                               chunk) for i in range(0, n, step)])
     c = codes.to(torch.int32).reshape(n, grid.super_block)
     bc = block_codes.to(torch.int32).reshape(n, grid.super_block // grid.block, 2)
     if grid.name in ("q4_0", "q8_0"):

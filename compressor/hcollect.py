@@ -20,6 +20,32 @@ class _Stop(Exception):
     """Raised by a hook to end a block's forward once the wanted input is captured."""
 
 
+PANEL = 1536  # columns per panel of the symmetric update; narrower Grams take one plain GEMM
+
+
+def gram_add(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """total += xᵀx for x (n, d), or a new one when total is None. Wide Grams compute only the panels on and above
+    the diagonal (about half the flops: on an 8960-wide down_proj input, XᵀX is most of the time H collection
+    takes); `gram_done` mirrors them into the lower triangle once all batches are in."""
+    d = x.shape[1]
+    if total is None:
+        total = torch.zeros(d, d, device=x.device, dtype=torch.float32)
+    if d <= 2 * PANEL:
+        return total.addmm_(x.T, x)
+    for i in range(0, d, PANEL):
+        total[i : i + PANEL, i:].addmm_(x[:, i : i + PANEL].T, x[:, i:])
+    return total
+
+
+def gram_done(total: torch.Tensor) -> torch.Tensor:
+    """The full symmetric Gram from what gram_add accumulated (in place; exactly symmetric afterwards)."""
+    d = total.shape[0]
+    if d > 2 * PANEL:
+        for i in range(0, d - PANEL, PANEL):
+            total[i + PANEL :, i : i + PANEL].copy_(total[i : i + PANEL, i + PANEL :].T)
+    return total
+
+
 class HCollector:
     """Accumulates XᵀX over calibration batches from a forward pre-hook."""
 
@@ -29,12 +55,12 @@ class HCollector:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
-        self.sum.addmm_(x.T, x)
+        gram_add(self.sum, x)
         self.n += x.shape[0]
 
     @property
     def H(self) -> torch.Tensor:
-        return self.sum / max(self.n, 1)
+        return gram_done(self.sum) / max(self.n, 1)
 
 
 def run_block(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> torch.Tensor:
@@ -149,9 +175,9 @@ def _h_of(chunks: Iterable[torch.Tensor]) -> torch.Tensor:
     total, n = None, 0
     for t in chunks:
         t = t.reshape(-1, t.shape[-1]).float()
-        total = t.T @ t if total is None else total.addmm_(t.T, t)
+        total = gram_add(total, t)
         n += t.shape[0]
-    return total / max(n, 1)
+    return gram_done(total).div_(max(n, 1))
 
 
 def collect_input(module: nn.Module, child: str, x: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -8,6 +8,7 @@ sibling and renamed into place, so a killed run leaves only whole files and resu
 from __future__ import annotations
 
 import copy
+import platform
 import shutil
 from pathlib import Path
 
@@ -137,6 +138,20 @@ def finished_layers(out: Path) -> int:
 def add_seconds(state: dict, stage: str, seconds: float) -> None:
     stages = state.setdefault("stage_seconds", {})
     stages[stage] = stages.get(stage, 0.0) + seconds
+
+
+def note_peak(state: dict, where: str) -> None:
+    """Record WHERE the process's peak resident set grew, if it did: the manifest's `peak_rss` then says which
+    stage of which block set the run's memory high-water mark (getrusage; nothing off POSIX)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mib = peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    old = state.get("peak_rss")
+    if old is None or mib > old["mib"] + 0.5:
+        state["peak_rss"] = {"mib": round(mib, 1), "at": where}
 
 
 def stage_seconds(state: dict) -> dict:

@@ -328,3 +328,20 @@ def test_bench_runs_and_counts_the_cache(fixture, exported, cli):
     assert code == 0, err
     models = {m["role"]: m for m in json.loads(out)["models"]}
     assert models["target"]["ctx"][0]["decode_tps"] > 0 and models["target"]["bytes"] < models["baseline"]["bytes"]
+
+
+@pytest.mark.parametrize("d", [512, 3 * 1536 + 100])
+def test_gram_panels_equal_the_full_product(d):
+    """H collection's symmetric panel update (upper panels, then mirrored) equals xᵀx over several batches, and is
+    exactly symmetric; widths above two panels take the panel path."""
+    from lrdeploy.compressor.hcollect import gram_add, gram_done
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, d, generator=g) for _ in range(3)]
+    total = None
+    for x in xs:
+        total = gram_add(total, x)
+    H = gram_done(total)
+    X = torch.cat(xs)
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H, X.T @ X, rtol=1e-5, atol=1e-3)

@@ -53,6 +53,9 @@ def test_compress_caldera_artifact_roundtrip(tiny_llama, calib_text, tmp_path, c
     assert stages["decompose"]["down_proj"] == pytest.approx(
         sum(v["seconds"] for k, v in m["linears"].items() if k.endswith("down_proj")), abs=0.01)
     assert stages["h_collection"] > 0 and stages["student_forward"] > 0 and "distill" not in stages
+    peak = m["timings"]["peak_rss"]  # where the run's memory peaked: a stage of a block, or the vocab/merge steps
+    assert peak["mib"] > 50 and ("model.layers." in peak["at"] or peak["at"] in (
+        "embedding and head", "head with its input importance", "merging the shards"))
 
     model, _ = load_artifact(out)
     layer = model.model.layers[1].mlp.down_proj

@@ -140,3 +140,34 @@ def test_solve_gram_survives_lost_factor_rows():
     G[2, 2] = float("nan")
     X = dec.solve_gram(G, B, eye)
     assert torch.isfinite(X).all()
+
+
+def test_hessian_factor_consume_damps_in_place_and_factors_alike():
+    """consume=True damps the caller's H itself (no second in×in copy) and gives the same factors; U (computed in
+    H⁻¹'s own buffer) is still the upper Cholesky factor of H⁻¹."""
+    H = correlated_h(300, 5)
+    ref = dec.hessian_factor(H.clone())
+    own = H.clone()
+    fac = dec.hessian_factor(own, consume=True)
+    assert fac.H.data_ptr() == own.data_ptr()
+    for a, b in ((ref.H, fac.H), (ref.S, fac.S), (ref.U, fac.U)):
+        assert torch.equal(a, b)
+    assert torch.allclose(fac.U.T @ fac.U, torch.linalg.inv(fac.H.double()).float(), rtol=1e-3, atol=1e-4)
+    assert torch.equal(fac.U, fac.U.triu())
+
+
+def test_chunked_super_fit_and_packing_equal_one_pass():
+    """fit_super and pack work a slice of super-blocks at a time to bound memory: the bytes equal a single pass."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(96, 512, generator=g) * 0.02
+    imp = torch.rand(512, generator=g).repeat(96).reshape(-1, 256)
+    for fmt in ("q2_k", "q3_k", "q4_k"):
+        grid = grids.get_grid(fmt)
+        w = W.reshape(-1, 256)
+        one = grids.fit_super(grid, w, imp, chunk=1 << 30)
+        few = grids.fit_super(grid, w, imp, chunk=256 * 7)  # 7 super-blocks per slice: a ragged last slice
+        assert torch.equal(one, few)
+        fit = grids.fit_block(grid, W.reshape(-1, grid.block), one.repeat_interleave(256 // grid.block, 0))
+        codes = grids.round_codes(grid, W.reshape(-1, grid.block), fit.scale, fit.offset).reshape(-1, 256)
+        assert torch.equal(grids.pack(grid, codes, fit.codes, one, chunk=1 << 30),
+                           grids.pack(grid, codes, fit.codes, one, chunk=256 * 5))

