@@ -109,6 +109,13 @@ def our_gguf(label: str, art: Path) -> tuple[Path, Path | None]:
     return out / "model.gguf", lora if lora.is_file() else None
 
 
+def _wall(compress: dict) -> float | None:
+    """The whole compress command's seconds (reading the source to the moved output), for a run not resumed."""
+    if compress.get("resumed"):
+        return None
+    return (compress.get("timings") or {}).get("wall_seconds_this_run")
+
+
 def _tg(timing: dict) -> float | None:
     """The decode speed in one llama-bench record (tgN for the N that run used)."""
     return next((v for k, v in timing.items() if k.startswith("tg")), None)
@@ -239,16 +246,18 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
     if comp:
         lines += ["Compress runs (`lrdeploy compress qwen2.5-coder-1.5b --calib tools/data/wikitext2-valid.txt "
                   f"--calib-range {CALIB_RANGE}` plus the options above), on this machine:", "",
-                  "| point | compress min | peak RSS GiB | H collection s | decompose s | student fwd s | distill s | "
-                  "memory peaked at |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| point | wall min | blocks min | peak RSS GiB | H collection s | decompose s | student fwd s | "
+                  "distill s | memory peaked at |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in comp:
             c = r["compress"]
             st = c.get("timings", {}).get("stages", {})
             dec = sum(st.get("decompose", {}).values()) if st.get("decompose") else None
             rss = c.get("peak_rss_mib")
-            wall = c.get("timings", {}).get("compress_seconds")  # summed over a resumed run's parts
+            blocks = c.get("timings", {}).get("compress_seconds")  # the block loop, summed over a resumed run's parts
+            wall = _wall(c)
             lines.append(f"| {r['short']} | {_f(wall / 60 if wall else None, '.1f')} | "
+                         f"{_f(blocks / 60 if blocks else None, '.1f')} | "
                          f"{_f(rss / 1024 if rss else None, '.2f')} | {_f(st.get('h_collection'), '.0f')} | "
                          f"{_f(dec, '.0f')} | {_f(st.get('student_forward'), '.0f')} | "
                          f"{_f(st.get('distill'), '.0f')} | "
@@ -296,14 +305,34 @@ def goals(rows: list[dict], lq: list[tuple[int, float]], weights: int) -> list[s
                          f"{100 * r['bytes'] / peer['bytes']:.0f}% of its bytes"
                          + ("" if gap >= 10 else " (**short of the 10% goal**)"))
         c = r.get("compress") or {}
-        wall = (c.get("timings") or {}).get("compress_seconds")
+        wall = _wall(c) or (c.get("timings") or {}).get("compress_seconds")
         if wall:
             parts.append(f"compress {wall / 60:.0f} min" + ("" if wall <= 45 * 60 else " (**over 45 min**)"))
         if c.get("peak_rss_mib"):
             gb = c["peak_rss_mib"] / 1024
             parts.append(f"peak RSS {gb:.2f} GiB" + ("" if gb * 1.073741824 <= 3 else " (**over 3 GB**)"))
         out.append(f"- {r['short']}: " + "; ".join(parts) + ".")
-    return out
+    return out + ["", coverage(rows, lq, weights)]
+
+
+def coverage(rows: list[dict], lq: list[tuple[int, float]], weights: int, lo: float = 2.2, hi: float = 3.3) -> str:
+    """Where in LO-HI bpw our best file at or below each size is >= 10% under the frontier at that size (0.01 bpw
+    steps), as ranges: the issue asks for every size in the range, not only at our points."""
+    ours = [(r["bytes"], r["ppl"]) for r in rows if r["group"] == "lrdeploy" and r.get("ppl")]
+    spans: list[list] = []
+    for i in range(round(lo * 100), round(hi * 100) + 1):
+        size = i / 100 * weights / 8
+        best = min((p for b, p in ours if b <= size), default=None)
+        base = interp_ppl(lq, int(size))
+        state = ("no lrdeploy file this small" if best is None else "no llama-quantize preset on both sides"
+                 if base is None else "met" if best <= 0.9 * base else "not met")
+        if spans and spans[-1][0] == state:
+            spans[-1][2] = i / 100
+        else:
+            spans.append([state, i / 100, i / 100])
+    return (f"**Every size in {lo}-{hi} bpw** (our best file at or below the size against the frontier there, in "
+            "0.01-bpw steps): " + "; ".join(f"{a:.2f}-{b:.2f} bpw: {'**' + st + '**' if st == 'not met' else st}"
+                                            for st, a, b in spans) + ".")
 
 
 def main() -> None:
