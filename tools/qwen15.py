@@ -126,10 +126,11 @@ def ppl_key(key: str, chunks: int) -> str:
 
 
 def forget(key: str) -> None:
-    """Drop a point's records, its artifact and export, and every speed run (which timed the old file): --redo."""
+    """Drop a point's records, its artifact and export, and the speed runs that timed its old file: --redo."""
     import shutil
 
-    for f in [*RECORDS.glob(f"ppl-{key}-c*.json"), *RECORDS.glob("bench-*.json"),
+    timed = [f for f in RECORDS.glob("bench-*.json") if key in json.loads(f.read_text()).get("rows", {})]
+    for f in [*RECORDS.glob(f"ppl-{key}-c*.json"), *timed,
               *(RECORDS / f"{k}-{key}.json" for k in ("info", "lora", "compress"))]:
         f.unlink(missing_ok=True)
     for d in (WORK / "art" / key, WORK / "art" / f"{key}.partial", WORK / "gguf" / key):
@@ -355,6 +356,11 @@ def main() -> None:
     live = not a.only_report
     for d in (WORK, RECORDS, WORK / "gguf", WORK / "art"):
         d.mkdir(parents=True, exist_ok=True)
+    known = {slug(label) for label, _ in OURS}
+    for flag, keys in (("--ours", a.ours or []), ("--redo", a.redo)):
+        for key in keys:
+            if key not in known:
+                raise SystemExit(f"error: {flag} {key}: not one of our points ({', '.join(sorted(known))})")
     for key in a.redo:
         forget(key)
     bins = peers.build_tools(a.jobs) if live else {t: peers.BUILD / "bin" / t for t in peers.TOOLS}
