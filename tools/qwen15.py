@@ -379,7 +379,7 @@ def main() -> None:
             " ".join(args) or "(defaults)"), "key": slug(label), "model": WORK / "gguf" / slug(label) / "model.gguf",
             "lora": None}
         if live and slug(label) in wanted and not done(pt):
-            pt["model"], pt["lora"] = our_gguf(label, measured_compress(label, args))
+            pt["model"], _ = our_gguf(label, measured_compress(label, args))
         adapter = pt["model"].parent / "adapter.gguf"
         pt["lora"] = adapter if adapter.is_file() else None
         if done(pt) or pt["model"].is_file():
@@ -393,10 +393,11 @@ def main() -> None:
     bench_key = f"bench-{hashlib.sha256('+'.join(pt['key'] for pt in timed).encode()).hexdigest()[:12]}" \
                 f"-r{a.reps}-n{a.n_gen}"
     bench_live = live and not a.skip_bench and not (RECORDS / f"{bench_key}.json").is_file()
-    for pt in (pt for pt in todo if pt["group"] == "llama-quantize"):
-        if live and (bench_live or not done(pt)):
-            imat = peers.imatrix(bins, src, peers.WORK / "calib.txt", a.imatrix_chunks, a.threads,
-                                 out=WORK / "imatrix.gguf")
+    needed = [pt for pt in todo if pt["group"] == "llama-quantize" and live and (bench_live or not done(pt))]
+    if needed:  # the imatrix only when some preset file has to be made
+        imat = peers.imatrix(bins, src, peers.WORK / "calib.txt", a.imatrix_chunks, a.threads,
+                             out=WORK / "imatrix.gguf")
+        for pt in needed:
             peers.quantize(bins, src, imat, pt["preset"], a.threads, folder=WORK / "gguf", requantize=True)
 
     rows: list[dict] = []
