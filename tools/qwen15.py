@@ -360,7 +360,8 @@ def main() -> None:
     for flag, keys in (("--ours", a.ours or []), ("--redo", a.redo)):
         for key in keys:
             if key not in known:
-                raise SystemExit(f"error: {flag} {key}: not one of our points ({', '.join(sorted(known))})")
+                print(f"error: {flag} {key}: not one of our points ({', '.join(sorted(known))})", file=sys.stderr)
+                raise SystemExit(2)
     for key in a.redo:
         forget(key)
     bins = peers.build_tools(a.jobs) if live else {t: peers.BUILD / "bin" / t for t in peers.TOOLS}
