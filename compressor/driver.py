@@ -26,7 +26,7 @@ from lrdeploy.compressor import arch as archs
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
 from lrdeploy.compressor import embeddings as emb
-from lrdeploy.compressor import ranks, recipe, rotate, rundir
+from lrdeploy.compressor import mix, ranks, recipe, rotate, rundir
 from lrdeploy.compressor.hcollect import collect_h, hook_h, release_freed_memory, run_block, staged_h
 from lrdeploy.compressor.model import BlockContext, embed_scale, layer_prefix, materialize, rotary, skeleton
 from lrdeploy.compressor.options import CompressOptions, LinearPlan, plan_linear
@@ -142,6 +142,15 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
             atomic_write_json(state_file, state)
         allocated = state["allocation"]["ranks"]
         plans = {k: plan_linear(k, shp, o, rank=allocated[k]) for k, shp in shapes.items()}
+    if o.mix_bpw is not None:
+        if "mix" not in state:  # measured once; a resumed run reads the formats back
+            t_mix = time.perf_counter()
+            state["mix"] = _mix(source, o, model, model_params, arch, plans, shapes, vocab, x, ctxs, device, progress)
+            rundir.add_seconds(state, "sensitivity", time.perf_counter() - t_mix)
+            atomic_write_json(state_file, state)
+            rundir.note_peak(state, "sensitivity pass")
+        formats = state["mix"]["formats"]
+        plans = {k: plan_linear(k, shp, o, rank=plans[k].rank, q_format=formats[k]) for k, shp in shapes.items()}
     modes = o.distill_modes()
     teacher_x = x if o.inputs == "teacher" or modes else None
     student_x = x if o.inputs == "student" or "student" in modes else None
@@ -201,6 +210,44 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
         rundir.save_vocab(tmp / "head.safetensors", {emb.HEAD: head}, state, state_file)
     manifest = _finish(source, o, tmp, out, state, calib, time.perf_counter() - t_start, device)
     return CompressResult(out, manifest)
+
+
+def _mix(source: ModelSource, o: CompressOptions, model: nn.Module, model_params: int, arch: archs.Arch,
+         plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]], vocab: emb.VocabPlan, x: torch.Tensor,
+         ctxs: BlockContext, device: torch.device, progress: Progress | None) -> dict:
+    """--mix-bpw: the Q format of every linear, from a sensitivity pass of the teacher (compressor/mix.py).
+
+    The budget is the whole file's: what the mix does not choose (embedding and head in their formats, norms and
+    biases in float32, L·R) is counted first, and the weights are counted as llama-quantize counts a file (MODEL_PARAMS,
+    a tied embedding once, plus a head stored apart). The embedding is gone from MODEL by now (one block resident)."""
+    start = {k: p.q_format for k, p in plans.items()}
+    rows, cols = vocab.shape
+    fixed = sum(_vocab_bytes(source, fmt, name, vocab.shape) for fmt, name in
+                ((vocab.embed, emb.EMBED), (vocab.head, vocab.head_from)) if fmt is not None)
+    linear_weights = {k + ".weight" for k in shapes}
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name in linear_weights or name == emb.HEAD:
+            continue
+        seen.add(id(p))
+        fixed += p.numel() * 4  # norms and biases, stored in float32
+    for k, (out, in_) in shapes.items():
+        if plans[k].rank:
+            fixed += plans[k].rank * (out + in_) * ranks.bytes_per_weight(plans[k].lr_format)
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    weights = model_params + (rows * cols if tied and vocab.head is not None else 0)
+    budget = o.mix_bpw * weights / 8 - fixed
+    sx = x[: mix.SEQUENCES]
+    sens = mix.sensitivity(model, arch, start, sx, ctxs, source.tensor, device, o.batch_size, progress)
+    chosen = mix.allocate(start, shapes, sens, budget)
+    return mix.record(o.mix_bpw, weights, fixed, chosen, shapes, sens, start, int(sx.shape[0] * sx.shape[1]))
+
+
+def _vocab_bytes(source: ModelSource, fmt: str, name: str, shape: tuple[int, int]) -> float:
+    if fmt == emb.SOURCE:
+        _, data = source.native(name)
+        return data.numel() * data.element_size()
+    return shape[0] * shape[1] * (2 if fmt == "f16" else mix.bits(fmt) / 8)
 
 
 def _base_tensors(source: ModelSource, vocab: emb.VocabPlan) -> dict[str, torch.Tensor | emb.Stored]:
@@ -336,10 +383,11 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
 
 
 def _refine_records(o: CompressOptions, state: dict) -> dict:
-    """The manifest's allocation and distillation sections, when the run had them."""
+    """The manifest's allocation, mix and distillation sections, when the run had them."""
     rec: dict = {}
-    if "allocation" in state:
-        rec["allocation"] = state["allocation"]
+    for key in ("allocation", "mix"):
+        if key in state:
+            rec[key] = state[key]
     if o.refine == "distill":
         rec["distill"] = {"inputs": o.distill_inputs, "lr": o.distill_lr, "batch": o.distill_batch,
                           "loss": "mean over tokens of mean|y - y_hat| - log sigmoid(cos(y, y_hat))",

@@ -16,7 +16,7 @@ from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
 from lrdeploy.compressor import distill as dst
 from lrdeploy.compressor import embeddings as emb
-from lrdeploy.compressor import grids, recipe, rotate
+from lrdeploy.compressor import grids, mix, recipe, rotate
 from lrdeploy.devices import torch_device
 from lrdeploy.errors import LrdError
 
@@ -76,6 +76,7 @@ class CompressOptions:
     preset: str = "auto"  # whole-file mix (compressor/recipe.py); the run records the mix it resolved to
     rotate: str = "none"  # none | residual | residual+head: randomized Hadamard folded into the weights (rotate.py)
     rotate_seed: int = 0
+    mix_bpw: float | None = None  # whole-file bpw: the Q formats are then allocated from measured sensitivity (mix.py)
 
     @property
     def targeted(self) -> bool:
@@ -106,6 +107,7 @@ class CompressOptions:
             raise LrdError(f"--lr-format {o.lr_format} needs --rank to be a multiple of 32 for GGUF (got {o.rank}); "
                            "use --target onnx|any or --lr-format f16")
         _check_tensor_ranks(o)
+        _check_mix(o)
         for pattern, fmt in o.tensor_types.items():
             if fmt not in grids.GRIDS:
                 raise LrdError(f"unknown format '{fmt}' in --tensor-type {pattern}={fmt}; "
@@ -140,6 +142,8 @@ class CompressOptions:
                 d.pop(key)
         if d["preset"] in ("auto", "source"):  # what every run before presets did
             d.pop("preset")
+        if d["mix_bpw"] is None:  # likewise before sensitivity mixes
+            d.pop("mix_bpw")
         if d["rotate"] == "none":  # likewise before rotations
             d.pop("rotate")
             d.pop("rotate_seed")
@@ -167,6 +171,18 @@ def _check_budget(o: CompressOptions) -> None:
             raise LrdError(f"--target-bpw sets ranks, so it needs --method lowrank or caldera, not {o.method}")
         if not o.target_bpw > 0:
             raise LrdError(f"--target-bpw must be positive, got {o.target_bpw}")
+
+
+def _check_mix(o: CompressOptions) -> None:
+    if o.mix_bpw is None:
+        return
+    if o.targeted:
+        raise LrdError("--mix-bpw and --target-bpw/--target-params exclude each other: one size target at a time")
+    if not o.mix_bpw > 0:
+        raise LrdError(f"--mix-bpw must be positive, got {o.mix_bpw}")
+    if o.method == "lowrank":
+        raise LrdError("--mix-bpw chooses Q formats, and method lowrank has no Q; use caldera, ldlq or rtn")
+    mix.check(o.q_format)
 
 
 def _check_tensor_ranks(o: CompressOptions) -> None:
@@ -211,10 +227,12 @@ class LinearPlan:
     fallback: str | None
 
 
-def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int | None = None) -> LinearPlan:
+def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int | None = None,
+                q_format: str | None = None) -> LinearPlan:
     """Apply the target's row constraints to one linear, falling back per tensor the way llama-quantize does.
 
     RANK overrides o.rank (a size target allocates one rank per linear); else --tensor-rank patterns do, last wins.
+    Q_FORMAT likewise overrides o.q_format and --tensor-type (a sensitivity mix chose it).
     """
     out, in_ = shape
     if rank is None:
@@ -225,8 +243,8 @@ def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int
     if rank and rank >= min(out, in_):
         raise LrdError(f"--rank {rank} is not below min(out, in) = {min(out, in_)} for {name} {out}x{in_}")
     per_row = o.target == "gguf"
-    q_format, fallback = o.q_format, None
-    if q_format is not None:
+    fallback = None
+    if q_format is None and (q_format := o.q_format) is not None:
         for pattern, fmt in o.tensor_types.items():
             if pattern in name:
                 q_format = fmt

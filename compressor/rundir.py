@@ -156,8 +156,8 @@ def note_peak(state: dict, where: str) -> None:
 
 def stage_seconds(state: dict) -> dict:
     """Where the time went, summed over blocks: H collection (the block's forward passes, XᵀX and its Cholesky
-    factors), decomposition per linear type, distillation, and the compressed block's forward that feeds the next
-    block (student inputs)."""
+    factors), decomposition per linear type, distillation, the compressed block's forward that feeds the next
+    block (student inputs), and --mix-bpw's sensitivity pass."""
     by_type: dict[str, float] = {}
     for name, e in state["linears"].items():
         kind = name.rsplit(".", 1)[-1]

@@ -94,6 +94,9 @@ def compress(
     target_bpw: float | None = typer.Option(None, help="lowrank|caldera: ranks that bring Q + L + R to this bpw."),
     allocation: str = typer.Option("uniform", help="How ranks meet the target: uniform | bottom | top | error "
                                    "(greedy on H-error removed per byte)."),
+    mix_bpw: float | None = typer.Option(None, "--mix-bpw", help="Whole-file bits per weight (as llama-quantize "
+                                         "counts a file) to reach by moving the linears whose measured sensitivity "
+                                         "pays most per byte up q2_k -> q3_k -> q4_k from --q-format (q2_k or q3_k)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT or discard an unfinished run."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
@@ -114,12 +117,13 @@ def compress(
         embed_type=embed_type, output_type=output_type, preset=preset, rotate=rotate, rotate_seed=rotate_seed,
         refine=refine, distill_inputs=distill_inputs,
         distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
-        target_params=target_params, target_bpw=target_bpw, allocation=allocation,
+        target_params=target_params, target_bpw=target_bpw, allocation=allocation, mix_bpw=mix_bpw,
     )
     opts.resolved()
     src = open_source(source)
     with _progress(quiet or as_json) as bar:
-        task = bar.add_task("compressing", total=src.n_layers * len(archs.get(src.config).linears))
+        passes = 2 if mix_bpw is not None else 1  # a sensitivity pass first, one step per linear as well
+        task = bar.add_task("compressing", total=passes * src.n_layers * len(archs.get(src.config).linears))
         try:
             with ctrl_c_wins():
                 result = run(src, opts, output, resume=resume, force=force,
@@ -192,6 +196,10 @@ def _print_summary(manifest: dict) -> None:
     o = manifest.get("options", {})
     mix = [f"preset {o['preset']}"] if "preset" in o else []
     mix += [f"rotation {o['rotate']} (seed {o['rotate_seed']})"] if "rotate" in o else []
+    if "mix" in manifest:
+        m = manifest["mix"]
+        counts = ", ".join(f"{n} {f}" for f, n in sorted(m["counts"].items()))
+        mix += [f"sensitivity mix for {m['mix_bpw']} bpw: {counts} ({len(m['moved'])} linears moved up)"]
     if mix:
         out.print(", ".join(mix))
 
