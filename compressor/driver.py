@@ -149,6 +149,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
             rundir.add_seconds(state, "sensitivity", time.perf_counter() - t_mix)
             atomic_write_json(state_file, state)
             rundir.note_peak(state, "sensitivity pass")
+            release_freed_memory()  # the pass's blocks and activations: the main pass's peak must not sit on them
         formats = state["mix"]["formats"]
         plans = {k: plan_linear(k, shp, o, rank=plans[k].rank, q_format=formats[k]) for k, shp in shapes.items()}
     modes = o.distill_modes()

@@ -58,6 +58,7 @@ OURS: list[tuple[str, list[str]]] = [
     # the default plus a measured mix: the linears that pay most per byte move up to q3_k/q4_k until the manifest's
     # whole file is 3.07 bpw (the GGUF adds ~6 MB of tokenizer: ~3.10 bpw, where the default's coverage ends)
     ("caldera q2_k mix 3.07", ["--mix-bpw", "3.07"]),
+    ("caldera q2_k mix 3.15", ["--mix-bpw", "3.15"]),  # a file just under 3.18 bpw, where mix 3.07's coverage ends
     # Q on llama.cpp's own i-quant grids, filled by block LDLQ; the q2 mix (preset auto) around them
     ("ldlq iq2_xs", ["--method", "ldlq", "--q-format", "iq2_xs", "--calib-tokens", "8192"]),
     ("ldlq iq2_xxs", ["--method", "ldlq", "--q-format", "iq2_xxs", "--calib-tokens", "8192"]),
@@ -101,8 +102,33 @@ def measured_compress(label: str, args: list[str]) -> Path:
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     row["peak_rss_mib"] = int(peak.group(1)) / 1024 if peak else None
     row["resumed"] = again == "--resume"  # the timings then cover only this run's part
+    row.update(mix_record(art))
     (RECORDS / f"compress-{slug(label)}.json").write_text(json.dumps(row, indent=1))
     return art
+
+
+def mix_record(art: Path) -> dict:
+    """What a --mix-bpw run chose (from its manifest): the formats' counts and the linears it moved up."""
+    mix = json.loads((art / "lrdeploy.json").read_text()).get("mix")
+    if not mix:
+        return {}
+    return {"mix": {"mix_bpw": mix["mix_bpw"], "counts": mix["counts"], "predicted_bpw": mix["predicted_bpw"],
+                    "moved": {k: mix["formats"][k] for k in mix["moved"]}}}
+
+
+def _moved(mix: dict) -> str:
+    """'q4_k: layer 0 down, o, q; layer 1 gate ...' from a mix record, grouped by format and layer."""
+    by_fmt: dict[str, dict[int, list[str]]] = {}
+    for name, fmt in mix["moved"].items():
+        parts = name.split(".")
+        by_fmt.setdefault(fmt, {}).setdefault(int(parts[2]), []).append(parts[-1].removesuffix("_proj"))
+    return "; ".join(f"to {fmt}: " + ", ".join(f"layer {i} {'/'.join(sorted(v))}" for i, v in sorted(layers.items()))
+                     for fmt, layers in sorted(by_fmt.items()))
+
+
+def _pass(compress: dict) -> str:
+    sec = ((compress.get("timings") or {}).get("stages") or {}).get("sensitivity")
+    return f"; its sensitivity pass took {sec / 60:.1f} min" if sec else ""
 
 
 def our_gguf(label: str, art: Path) -> tuple[Path, Path | None]:
@@ -268,6 +294,9 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
                          f"{_f(st.get('distill'), '.0f')} | "
                          f"{((c.get('timings') or {}).get('peak_rss') or {}).get('at', '–')} |")
         lines += [""] + [f"- {r['short']}: {r['compress']['note']}" for r in comp if r["compress"].get("note")]
+        lines += [f"- {r['short']}: the sensitivity mix (`--mix-bpw {r['compress']['mix']['mix_bpw']}`) moved "
+                  f"{len(r['compress']['mix']['moved'])} linears up, {_moved(r['compress']['mix'])}; the rest keep "
+                  "the default's formats" + _pass(r["compress"]) for r in comp if r["compress"].get("mix")]
         lines.append("")
     if ref:
         lines.append(f"The source itself ({ref['short']}, {ref['bytes'] / 1e6:.0f} MB) scores "
