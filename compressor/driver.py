@@ -101,6 +101,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     vocab = emb.plan_vocab(o.embed_type, o.output_type, config, source.has(emb.HEAD),
                            tuple(model.model.embed_tokens.weight.shape))
     early = None
+    budget = _mix_budget(source, o, model, model_params, plans, shapes, vocab) if o.mix_bpw is not None else None
     if o.targeted:  # an unreachable target fails here, before any file is written
         first = o if o.allocation != "error" else replace(o, allocation="uniform")
         early = ranks.allocation_record(first, plans, shapes, model_params, None)
@@ -145,7 +146,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     if o.mix_bpw is not None:
         if "mix" not in state:  # measured once; a resumed run reads the formats back
             t_mix = time.perf_counter()
-            state["mix"] = _mix(source, o, model, model_params, arch, plans, shapes, vocab, x, ctxs, device, progress)
+            state["mix"] = _mix(source, o, model, arch, plans, shapes, budget, x, ctxs, device, progress)
             rundir.add_seconds(state, "sensitivity", time.perf_counter() - t_mix)
             atomic_write_json(state_file, state)
             rundir.note_peak(state, "sensitivity pass")
@@ -213,22 +214,18 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     return CompressResult(out, manifest)
 
 
-def _mix(source: ModelSource, o: CompressOptions, model: nn.Module, model_params: int, arch: archs.Arch,
-         plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]], vocab: emb.VocabPlan, x: torch.Tensor,
-         ctxs: BlockContext, device: torch.device, progress: Progress | None) -> dict:
-    """--mix-bpw: the Q format of every linear, from a sensitivity pass of the teacher (compressor/mix.py).
-
-    The budget is the whole file's: what the mix does not choose (embedding and head in their formats, norms and
-    biases in float32, L·R) is counted first, and the weights are counted as llama-quantize counts a file (MODEL_PARAMS,
-    a tied embedding once, plus a head stored apart). The embedding is gone from MODEL by now (one block resident)."""
-    start = {k: p.q_format for k, p in plans.items()}
+def _mix_budget(source: ModelSource, o: CompressOptions, model: nn.Module, model_params: int,
+                plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]], vocab: emb.VocabPlan) -> dict:
+    """--mix-bpw's budget, checked before any file is written: the whole file's bytes less what the mix does not
+    choose (embedding and head in their formats, norms and biases in float32, L·R), over the weights as
+    llama-quantize counts a file (MODEL_PARAMS, a tied embedding once, plus a head stored apart)."""
     rows, cols = vocab.shape
     fixed = sum(_vocab_bytes(source, fmt, name, vocab.shape) for fmt, name in
                 ((vocab.embed, emb.EMBED), (vocab.head, vocab.head_from)) if fmt is not None)
     linear_weights = {k + ".weight" for k in shapes}
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen or name in linear_weights or name == emb.HEAD:
+        if id(p) in seen or name in linear_weights or name in (emb.EMBED, emb.HEAD):
             continue
         seen.add(id(p))
         fixed += p.numel() * 4  # norms and biases, stored in float32
@@ -237,11 +234,24 @@ def _mix(source: ModelSource, o: CompressOptions, model: nn.Module, model_params
             fixed += plans[k].rank * (out + in_) * ranks.bytes_per_weight(plans[k].lr_format)
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     weights = model_params + (rows * cols if tied and vocab.head is not None else 0)
-    budget = o.mix_bpw * weights / 8 - fixed
+    least = 8 * (fixed + sum(mix.q_bytes(shapes[k], p.q_format) for k, p in plans.items())) / weights
+    if o.mix_bpw < least:
+        raise LrdError(f"--mix-bpw {o.mix_bpw} is below the smallest file the run's starting formats make "
+                       f"({least:.3f} bpw); ask for at least that, or start lower (--q-format q2_k, --preset q2, a "
+                       "smaller --rank)")
+    return {"weights": weights, "fixed": fixed, "linears": o.mix_bpw * weights / 8 - fixed}
+
+
+def _mix(source: ModelSource, o: CompressOptions, model: nn.Module, arch: archs.Arch, plans: dict[str, LinearPlan],
+         shapes: dict[str, tuple[int, int]], budget: dict, x: torch.Tensor, ctxs: BlockContext, device: torch.device,
+         progress: Progress | None) -> dict:
+    """--mix-bpw: the Q format of every linear, from a sensitivity pass of the teacher (compressor/mix.py)."""
+    start = {k: p.q_format for k, p in plans.items()}
     sx = x[: mix.SEQUENCES]
     sens = mix.sensitivity(model, arch, start, sx, ctxs, source.tensor, device, o.batch_size, progress)
-    chosen = mix.allocate(start, shapes, sens, budget)
-    return mix.record(o.mix_bpw, weights, fixed, chosen, shapes, sens, start, int(sx.shape[0] * sx.shape[1]))
+    chosen = mix.allocate(start, shapes, sens, budget["linears"])
+    return mix.record(o.mix_bpw, budget["weights"], budget["fixed"], chosen, shapes, sens, start,
+                      int(sx.shape[0] * sx.shape[1]))
 
 
 def _vocab_bytes(source: ModelSource, fmt: str, name: str, shape: tuple[int, int]) -> float:

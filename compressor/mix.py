@@ -114,9 +114,9 @@ def allocate(formats: dict[str, str], shapes: dict[str, tuple[int, int]], sens: 
     """
     chosen = dict(formats)
     cost = sum(q_bytes(shapes[k], f) for k, f in chosen.items())
-    if cost > budget:
-        raise LrdError(f"--mix-bpw is below what the formats the run starts from need ({cost / 1e6:.1f} MB of "
-                       f"linears against {budget / 1e6:.1f} MB left for them); ask for more bits or a lower --q-format")
+    if cost > budget:  # the driver checks the whole file's size before any file is written; this is the bare math
+        raise LrdError(f"the linears need {cost / 1e6:.1f} MB at their starting formats, over the budget of "
+                       f"{budget / 1e6:.1f} MB")
     heap: list[tuple[float, str]] = []
 
     def push(name: str) -> None:

@@ -31,7 +31,7 @@ def test_allocate_takes_the_most_harm_per_byte_within_the_budget():
     assert two["a"] == "q3_k" and two["c"] == "q2_k"  # c's step (2 up) is worth 4 per up, a's next 3, b's 2
     everything = mix.allocate(start, shapes, sens, 1e12)
     assert set(everything.values()) == {"q4_k"}
-    with pytest.raises(LrdError, match="below what the formats the run starts from need"):
+    with pytest.raises(LrdError, match="at their starting formats, over the budget"):
         mix.allocate(start, shapes, sens, base - 1)
 
 
@@ -50,6 +50,14 @@ def test_mix_bpw_cli_error_is_one_line(cli, tmp_path):
     code, _, err = cli("compress", "smollm2", "-o", tmp_path / "a", "--mix-bpw", "3", "--q-format", "iq2_xs", "-q")
     assert code == 2 and err.count("\n") == 1 and "--mix-bpw moves linears up" in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_unreachable_mix_fails_before_any_file(tiny_qwen2, calib_text, cli, tmp_path):
+    out = tmp_path / "art"
+    code, _, err = cli("compress", tiny_qwen2, "-o", out, "--method", "rtn", "--calib", calib_text, "--mix-bpw", "1",
+                       "-q")
+    assert code == 2 and err.count("\n") == 1 and "--mix-bpw 1.0 is below the smallest file" in err, err
+    assert not out.exists() and not (tmp_path / "art.partial").exists()
 
 
 def _opts(calib: str, bpw: float) -> CompressOptions:
