@@ -179,6 +179,8 @@ def _int_pairs(items: list[str], flag: str) -> dict[str, int]:
 
 
 def _print_summary(manifest: dict) -> None:
+    from lrdeploy.runtime.inspect import mix_notes
+
     s = manifest["summary"]
     t = Table(title=f"{manifest['method']} -> bpw {s['bpw']:.3f}")
     t.add_column("linear")
@@ -196,12 +198,9 @@ def _print_summary(manifest: dict) -> None:
     o = manifest.get("options", {})
     mix = [f"preset {o['preset']}"] if "preset" in o else []
     mix += [f"rotation {o['rotate']} (seed {o['rotate_seed']})"] if "rotate" in o else []
-    if "mix" in manifest:
-        m = manifest["mix"]
-        counts = ", ".join(f"{n} {f}" for f, n in sorted(m["counts"].items()))
-        mix += [f"sensitivity mix for {m['mix_bpw']} bpw: {counts} ({len(m['moved'])} linears moved up)"]
+    mix += mix_notes(manifest)
     if mix:
-        out.print(", ".join(mix))
+        out.print(", ".join(mix), soft_wrap=True)
 
 
 BACKENDS = ("torch", "llamacpp", "onnxruntime")

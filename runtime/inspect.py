@@ -361,6 +361,16 @@ def _gguf_magic(path: Path) -> bytes:
         return f.read(4)
 
 
+def mix_notes(manifest: dict) -> list[str]:
+    """What a --mix-bpw run chose: its formats' counts and how many linears it moved up."""
+    m = manifest.get("mix")
+    if not m:
+        return []
+    counts = ", ".join(f"{n} {f}" for f, n in sorted(m["counts"].items()))
+    return [f"sensitivity mix for {m['mix_bpw']} bpw: {counts} ({len(m['moved'])} linears moved up; the manifest's "
+            "mix says which and why)"]
+
+
 def inspect_path(path: Path, verify: bool = False) -> dict:
     """Tensors of a .gguf or .onnx file, an export directory (GGUF or ONNX) or an artifact directory.
 
@@ -389,7 +399,7 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         checked = verify_files(path, manifest) if verify else []
         checks = [f"{name}: size and sha256 match the manifest" for name in checked]
         return _summary(rows, (manifest.get("summary") or {}).get("bpw"), "manifest", kind="artifact",
-                        verified=checked, checks=checks)
+                        verified=checked, checks=checks, notes=mix_notes(manifest))
     model = path / GGUF_BASE
     if model.is_file():
         files = [model] + [p for p in (path / GGUF_ADAPTER,) if p.is_file()]

@@ -124,3 +124,11 @@ def test_mix_resumes_byte_identical(tiny_qwen2, calib_text, mixed, tmp_path):
         compress(src, _opts(calib_text, bpw), tmp_path / "part", stop_after=1)
     compress(src, _opts(calib_text, bpw), tmp_path / "part", resume=True)
     assert (tmp_path / "part" / "model.safetensors").read_bytes() == (art / "model.safetensors").read_bytes()
+
+
+def test_inspect_says_what_the_mix_did(mixed, cli):
+    bpw, art = mixed["low"]
+    m = read_manifest(art)["mix"]
+    code, out, err = cli("inspect", art)
+    assert code == 0, err
+    assert f"note: sensitivity mix for {bpw} bpw:" in out and f"({len(m['moved'])} linears moved up;" in out
