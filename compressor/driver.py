@@ -258,7 +258,7 @@ def _vocab_bytes(source: ModelSource, fmt: str, name: str, shape: tuple[int, int
     if fmt == emb.SOURCE:
         _, data = source.native(name)
         return data.numel() * data.element_size()
-    return shape[0] * shape[1] * (2 if fmt == "f16" else mix.bits(fmt) / 8)
+    return shape[0] * shape[1] * ranks.bytes_per_weight(fmt)
 
 
 def _base_tensors(source: ModelSource, vocab: emb.VocabPlan) -> dict[str, torch.Tensor | emb.Stored]:

@@ -25,6 +25,7 @@ error by a similar factor, so the order of the steps holds.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,7 @@ SEQUENCES = 2  # calibration sequences the sensitivity pass runs on (1,024 token
 
 
 def bits(fmt: str) -> float:
+    """Bits per weight of a grid format, scales included."""
     g = grids.get_grid(fmt)
     return 8 * g.type_size / g.super_block
 
@@ -150,9 +152,6 @@ def record(mix_bpw: float, weights: int, fixed: float, chosen: dict[str, str], s
            sens: dict[str, dict], start: dict[str, str], tokens: int) -> dict:
     """The manifest's `mix` section: the target, the predicted file, each moved linear and what it was measured at."""
     q = sum(q_bytes(shapes[k], f) for k, f in chosen.items())
-    counts: dict[str, int] = {}
-    for f in chosen.values():
-        counts[f] = counts.get(f, 0) + 1
     return {
         "mix_bpw": mix_bpw,
         "model_weights": weights,
@@ -161,7 +160,7 @@ def record(mix_bpw: float, weights: int, fixed: float, chosen: dict[str, str], s
         "predicted_bytes": round(fixed + q),
         "predicted_bpw": 8 * (fixed + q) / weights,
         "predicted_harm": sum(sens[k]["harm"][f] for k, f in chosen.items() if k in sens),
-        "counts": counts,
+        "counts": dict(Counter(chosen.values())),
         "formats": chosen,
         "moved": sorted(k for k in chosen if chosen[k] != start[k]),
         "sensitivity": {k: {"gain": v["gain"], "harm": v["harm"]} for k, v in sens.items()},

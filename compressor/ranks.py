@@ -7,7 +7,7 @@ from torch import nn
 
 from lrdeploy.compressor import allocate as alloc
 from lrdeploy.compressor import decompose as dec
-from lrdeploy.compressor import grids
+from lrdeploy.compressor import grids, mix
 from lrdeploy.compressor.arch import Arch
 from lrdeploy.compressor.hcollect import collect_h, run_block
 from lrdeploy.compressor.model import BlockContext, layer_prefix, materialize
@@ -20,10 +20,7 @@ def rank_step(o: CompressOptions) -> int:
 
 
 def bytes_per_weight(fmt: str) -> float:
-    if fmt == "f16":
-        return 2.0
-    g = grids.get_grid(fmt)
-    return g.type_size / g.super_block
+    return 2.0 if fmt == "f16" else mix.bits(fmt) / 8
 
 
 def allocation_record(o: CompressOptions, plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]],
