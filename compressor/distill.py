@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrdeploy.compressor import decompose as dec
+from lrdeploy.compressor import rotate
 
 if TYPE_CHECKING:
     from lrdeploy.compressor.options import CompressOptions
@@ -46,6 +47,7 @@ class TrainableLR(nn.Module):
         self.R = nn.Parameter(R.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
+        x = rotate.input_of(self, x)
         y = F.linear(F.linear(x, self.R), self.L, self.bias)
         return y if self.q is None else y + F.linear(x, self.q)
 
@@ -58,7 +60,8 @@ def trainable_block(teacher: nn.Module, factors: dict[str, tuple[Tensor | None, 
         p.requires_grad_(False)
     for name, (q, L, R, bias) in factors.items():
         parent, _, child = name.rpartition(".")
-        setattr(student.get_submodule(parent), child, TrainableLR(q, L, R, bias))
+        module = student.get_submodule(parent)
+        setattr(module, child, rotate.carry(getattr(module, child), TrainableLR(q, L, R, bias)))
     return student
 
 

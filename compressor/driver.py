@@ -87,7 +87,11 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     if o.rotate != "none":  # every tensor the run reads comes out rotated; the norms it folds read as ones
         source = rotate.RotatedSource(source, o.rotate, o.rotate_seed)
         config = source.config
+    down_rot = rotate.InputRotation.for_width(config.intermediate_size, o.rotate_seed + 2) if o.rotate_down else None
+    if down_rot is not None:  # down_proj reads x·B: its weight comes out as W·B, the blocks rotate its input
+        source = rotate.DownRotatedSource(source, down_rot)
     model = skeleton(config)
+    rotate.install_down(model, down_rot)
     n_layers = config.num_hidden_layers
     model_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as Lillama counts
     shapes: dict[str, tuple[int, int]] = {}
@@ -348,7 +352,8 @@ def _swap(block: nn.Module, name: str, d: dec.Decomposition, bias: torch.Tensor 
         None if d.LR is None else d.LR.R.values,
         bias,
     )
-    setattr(block.get_submodule(parent_name), child, qlr)
+    parent = block.get_submodule(parent_name)
+    setattr(parent, child, rotate.carry(getattr(parent, child), qlr))
 
 
 def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state: dict, calib: torch.Tensor,
@@ -375,6 +380,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
             "seed": o.seed,
         },
         "linears": linears,
+        **({rotate.MANIFEST_KEY: source.rotation_down.record()} if o.rotate_down else {}),
         **vocab,
         "summary": summarize(linears, vocab.get("tensors"), **_whole_file(source, tmp / WEIGHTS, vocab)),
         **_refine_records(o, state),

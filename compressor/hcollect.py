@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from lrdeploy.compressor.rotate import input_of
+
 
 class _Stop(Exception):
     """Raised by a hook to end a block's forward once the wanted input is captured."""
@@ -54,7 +56,7 @@ class HCollector:
         self.n = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        x = input_of(module, args[0].reshape(-1, args[0].shape[-1]).float())  # what the weight multiplies
         gram_add(self.sum, x)
         self.n += x.shape[0]
 
@@ -160,7 +162,7 @@ def staged_h(block: nn.Module, x: torch.Tensor, ctx: dict, batch: int) -> Iterat
              for i, a in zip(parts, _drain(attn_in), strict=True)]
         yield _h_of(g)
         mlp = block.mlp  # each chunk is dropped once used: down_proj's H is factored with no activations left
-        yield _h_of(mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t) for t in _drain(g))
+        yield _h_of(input_of(mlp.down_proj, mlp.act_fn(mlp.gate_proj(t)) * mlp.up_proj(t)) for t in _drain(g))
 
 
 def _drain(items: list) -> Iterator:

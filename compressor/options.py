@@ -76,6 +76,7 @@ class CompressOptions:
     preset: str = "auto"  # whole-file mix (compressor/recipe.py); the run records the mix it resolved to
     rotate: str = "none"  # none | residual | residual+head: randomized Hadamard folded into the weights (rotate.py)
     rotate_seed: int = 0
+    rotate_down: bool = False  # an online randomized Hadamard on down_proj's input (torch and ONNX only, rotate.py)
     mix_bpw: float | None = None  # whole-file bpw: the Q formats are then allocated from measured sensitivity (mix.py)
 
     @property
@@ -114,6 +115,9 @@ class CompressOptions:
                                f"choose one of {', '.join(grids.GRIDS)}")
         recipe.check(o.preset)
         rotate.check_kind(o.rotate)
+        if o.rotate_down and o.target == "gguf":
+            raise LrdError("--rotate-down needs a runtime that rotates down_proj's input, which llama.cpp cannot: "
+                           "pass --target onnx (or any: torch and ONNX), or leave --rotate-down out")
         emb.check_format(o.embed_type, "--embed-type")
         emb.check_format(o.output_type, "--output-type")
         if o.target not in TARGETS:
@@ -144,7 +148,9 @@ class CompressOptions:
             d.pop("preset")
         if d["mix_bpw"] is None:  # likewise before sensitivity mixes
             d.pop("mix_bpw")
-        if d["rotate"] == "none":  # likewise before rotations
+        if not d["rotate_down"]:  # likewise before online rotations
+            d.pop("rotate_down")
+        if d["rotate"] == "none" and "rotate_down" not in d:  # likewise before rotations
             d.pop("rotate")
             d.pop("rotate_seed")
         return d

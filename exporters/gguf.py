@@ -480,6 +480,9 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
     manifest = read_manifest(path)
     linears: dict = manifest["linears"]
     target = (manifest.get("options") or {}).get("target", "?")
+    if manifest.get("rotate_down") is not None:
+        raise LrdError(f"{path} was compressed with --rotate-down: its down_proj reads a rotated input that llama.cpp "
+                       "cannot compute; export it with --format onnx, or compress without --rotate-down")
     for name, entry in linears.items():
         problem = row_fit_problem(name, entry)
         if problem is not None:

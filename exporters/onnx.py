@@ -392,6 +392,7 @@ class Weights:
                  tables: dict | None = None):
         self._tensor, self._has, self.linears, self._raw, self.zero_points = tensor, has, linears, raw, zero_points
         self.tables = tables or {}  # the artifact's stored formats of the embedding and the head
+        self.down_rotation = None  # an artifact's online rotation of down_proj's input (rotate.InputRotation)
         # linears by how the graph computes them; "iquant_8bit" counts the MatMulNBits that hold an i-quant at 8 bits
         self.counts = {"matmulnbits": 0, "lowrank": 0, "lowrank_nbits": 0, "dense": 0, "iquant_8bit": 0}
 
@@ -908,7 +909,20 @@ def mlp_branch(g: Graph, s: DecoderShape, w: Weights, p: str, h: str, fuse: bool
     gate_up = _linears(g, h, [w.linear(n) for n in names], names, fuse)
     gate, up = g.op("Split", gate_up[0], axis=-1, outputs=2) if fam.fused_gate_up else gate_up
     act = _gelu_tanh(g, gate) if fam.activation == "gelu_tanh" else g.op("Mul", gate, g.op("Sigmoid", gate))
-    return _linear(g, g.op("Mul", act, up), w.linear(p + archs.DOWN), p + archs.DOWN)
+    down_in = g.op("Mul", act, up)
+    if w.down_rotation is not None:
+        down_in = _input_rotation(g, down_in, w.down_rotation)
+    return _linear(g, down_in, w.linear(p + archs.DOWN), p + archs.DOWN)
+
+
+def _input_rotation(g: Graph, x: str, rot) -> str:
+    """x·B for B = diag(Hb, …, Hb) (--rotate-down): Reshape to blocks, one MatMul with the shared Hb, Reshape back.
+    x is [batch, seq, width]; Hb is one initializer for every layer."""
+    key = ("rotation", rot.block, rot.seed)
+    if key not in g._consts:
+        g._consts[key] = g.float(rot.matrix.numpy(), "down_rotation")
+    blocks = g.op("Reshape", x, g.const([0, 0, -1, rot.block]))
+    return g.op("Reshape", g.op("MatMul", blocks, g._consts[key]), g.op("Shape", x))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -929,6 +943,9 @@ def _open_weights(source: str, zero_points: str) -> tuple[object, Weights, objec
             raise LrdError(f"cannot read {Path(source) / 'config.json'}: {e}") from None
         get = ArtifactTensors(Path(source), manifest, "cpu")
         w = Weights(get, get.has, manifest["linears"], get.raw, zero_points, manifest.get("tensors"))
+        from lrdeploy.compressor.rotate import MANIFEST_KEY, InputRotation
+
+        w.down_rotation = InputRotation.from_record(manifest.get(MANIFEST_KEY))
         return config, w, artifact_tokenizer(source), manifest
     from lrdeploy.compressor.sources import open_source
 

@@ -50,6 +50,9 @@ class QLRLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot = getattr(self, "in_rotation", None)  # an online input rotation (compressor/rotate.py, --rotate-down)
+        if rot is not None:
+            x = rot.apply(x)
         y = F.linear(x, self.q, self.bias) if self.q is not None else None
         if self.rank:
             low = F.linear(F.linear(x, self.lora_r), self.lora_l)
@@ -130,6 +133,13 @@ def validate_manifest(manifest: object, where: object = MANIFEST) -> dict:
             raise LrdError(f"{where}: bad entry for tensor {name}")
     if not isinstance(manifest.get("untied", False), bool):
         raise LrdError(f"{where}: bad 'untied' flag")
+    if manifest.get("rotate_down") is not None:
+        from lrdeploy.compressor.rotate import InputRotation
+
+        try:
+            InputRotation.from_record(manifest["rotate_down"])
+        except LrdError as e:
+            raise LrdError(f"{where}: {e}") from None
     summary = manifest.get("summary")
     if summary is not None and not (isinstance(summary, dict) and _is_number(summary.get("bpw"))):
         raise LrdError(f"{where}: bad 'summary' (no numeric bpw)")
@@ -263,6 +273,9 @@ def install_qlr(model: nn.Module, linears: dict) -> None:
         old = getattr(parent, child)
         out, in_ = e["shape"]
         qlr = QLRLinear(in_, out, e["rank"], e["q_format"] is not None, old.bias is not None, device="meta")
+        rot = getattr(old, "in_rotation", None)
+        if rot is not None:
+            qlr.in_rotation = rot
         setattr(parent, child, qlr)
 
 
@@ -271,6 +284,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     from transformers import AutoConfig
 
     from lrdeploy.compressor.model import load_full
+    from lrdeploy.compressor.rotate import MANIFEST_KEY as ROTATE_DOWN
+    from lrdeploy.compressor.rotate import InputRotation, install_down
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -279,8 +294,13 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     except Exception as e:
         raise LrdError(f"cannot read {path / 'config.json'}: {e}") from None
     get = ArtifactTensors(path, manifest, device)
+
+    def replace(m: nn.Module) -> None:
+        install_down(m, InputRotation.from_record(manifest.get(ROTATE_DOWN)))
+        install_qlr(m, manifest["linears"])
+
     try:
-        model = load_full(config, get, device, replace=lambda m: install_qlr(m, manifest["linears"]))
+        model = load_full(config, get, device, replace=replace)
     except (RuntimeError, ValueError, AttributeError, KeyError) as e:  # manifest, config and tensors disagree
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LrdError(f"{path}: manifest, config.json and {WEIGHTS} do not fit together: {first}") from None

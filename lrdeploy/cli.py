@@ -66,6 +66,9 @@ def compress(
                                "H is collected: none | residual (the residual stream; norms become ones, a tied head "
                                "is untied) | residual+head (also each attention head's value space)."),
     rotate_seed: int = typer.Option(0, help="Seed of --rotate's random signs."),
+    rotate_down: bool = typer.Option(False, "--rotate-down", help="Also rotate down_proj's input online (a "
+                                     "randomized Hadamard in blocks of 256, applied at run time): torch and ONNX run "
+                                     "it, llama.cpp cannot, so it needs --target onnx or any."),
     preset: str = typer.Option("auto", help="Whole-file mix of embedding, output and small-linear formats: auto (q2 or "
                                "q3 by --q-format where rows hold 256-weight super-blocks, else source) | q2 (q2_k "
                                "embedding, q4_k output, q4_k k/v_proj) | q3 (q3_k embedding, else as q2) | source."),
@@ -115,6 +118,7 @@ def compress(
         fallback=fallback,
         tensor_types=_pairs(tensor_type, "--tensor-type"), tensor_ranks=_int_pairs(tensor_rank, "--tensor-rank"),
         embed_type=embed_type, output_type=output_type, preset=preset, rotate=rotate, rotate_seed=rotate_seed,
+        rotate_down=rotate_down,
         refine=refine, distill_inputs=distill_inputs,
         distill_lr=distill_lr, distill_steps=distill_steps, distill_epochs=distill_epochs, distill_batch=distill_batch,
         target_params=target_params, target_bpw=target_bpw, allocation=allocation, mix_bpw=mix_bpw,
@@ -198,6 +202,7 @@ def _print_summary(manifest: dict) -> None:
     o = manifest.get("options", {})
     mix = [f"preset {o['preset']}"] if "preset" in o else []
     mix += [f"rotation {o['rotate']} (seed {o['rotate_seed']})"] if "rotate" in o else []
+    mix += ["down_proj's input rotated online (torch and ONNX only)"] if o.get("rotate_down") else []
     mix += mix_notes(manifest)
     if mix:
         out.print(", ".join(mix), soft_wrap=True)

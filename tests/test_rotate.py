@@ -108,3 +108,117 @@ def test_sandwich_norms_refuse_rotation(tiny_gemma3, tmp_path, cli):
                        "rtn", "--q-format", "q8_0", "--device", "cpu", "-q")
     assert code != 0 and "--rotate is not supported for gemma3_text" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# --rotate-down: an online rotation of down_proj's input, for runtimes that can apply it (torch, onnxruntime)
+
+
+@pytest.mark.parametrize(("width", "block"), [(1536, 256), (8960, 256), (512, 256), (96, 32)])
+def test_input_rotation_is_exact_on_weights_and_h(width, block):
+    rot = rotate.InputRotation.for_width(width, seed=7)
+    assert rot.block == block
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(24, width, generator=g, dtype=torch.float64), torch.randn(5, width, generator=g,
+                                                                                  dtype=torch.float64)
+    torch.testing.assert_close(rot.apply(x) @ rot.weight(W).T, x @ W.T, rtol=0, atol=1e-10)
+    B = torch.block_diag(*[rot.matrix] * (width // block))
+    torch.testing.assert_close(rot.apply(x), x @ B, rtol=0, atol=1e-12)
+    X = torch.randn(64, width, generator=g, dtype=torch.float64)
+    H = X.T @ X / 64
+    torch.testing.assert_close(rot.h(H), B.T @ H @ B, rtol=0, atol=1e-9)  # the H of the rotated inputs
+    assert rotate.InputRotation.from_record(rot.record()) == rot
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2", "smollm2"])
+def test_down_rotated_float_model_computes_the_same_logits(fixture, request):
+    src = open_source("smollm2" if fixture == "smollm2" else str(request.getfixturevalue(fixture)))
+    base = rotate.RotatedSource(src, "residual", seed=3)
+    rot = rotate.InputRotation.for_width(src.config.intermediate_size, seed=5)
+    down = rotate.DownRotatedSource(base, rot)
+    ids = torch.randint(0, 1000, (48,), generator=torch.Generator().manual_seed(0))
+    ref = _logits(src.config, src.tensor, ids)
+    with torch.no_grad():
+        got = load_full(base.config, down.tensor, replace=lambda m: rotate.install_down(m, rot))(ids[None]).logits[0]
+    assert float((got - ref).abs().max()) < 1e-4 * max(1.0, float(ref.abs().max()))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(down.tensor(name), base.tensor(name))
+
+
+def test_h_collection_sees_the_rotated_input(tiny_llama):
+    """Every H path (hooks on the teacher, the staged student path) records what down_proj's weight multiplies."""
+    from lrdeploy.compressor.hcollect import collect_h, run_block, staged_h
+    from lrdeploy.compressor.model import BlockContext, materialize, rotary, skeleton
+
+    src = open_source(str(tiny_llama))
+    rot = rotate.InputRotation.for_width(src.config.intermediate_size, seed=1)
+    model = skeleton(src.config)
+    block = materialize(model.model.layers[0], "model.layers.0.", src.tensor, "cpu")
+    x = torch.randn(2, 32, src.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ctx = BlockContext(model, x, rotary(model, "cpu"))[0]
+    plain = collect_h(block, ("mlp.down_proj",), x, ctx, 2)["mlp.down_proj"]
+    rotate.install_down(model, rot)
+    rblock = materialize(model.model.layers[0], "model.layers.0.", rotate.DownRotatedSource(src, rot).tensor, "cpu")
+    hooked = collect_h(rblock, ("mlp.down_proj",), x, ctx, 2)["mlp.down_proj"]
+    torch.testing.assert_close(hooked, rot.h(plain), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(list(staged_h(rblock, x, ctx, 2))[-1], hooked, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # and the rotated block computes what the original does
+        torch.testing.assert_close(run_block(rblock, x, ctx, 2), run_block(block, x, ctx, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def down_rotated(tiny_llama, calib_text, tmp_path_factory):
+    from lrdeploy.compressor.driver import CompressOptions, compress
+
+    root = tmp_path_factory.mktemp("rotdown")
+    o = CompressOptions(method="caldera", q_format="q3_k", rank=32, calib=calib_text, calib_tokens=1024, seq_len=128,
+                        device="cpu", target="any", rotate="residual", rotate_down=True, rotate_seed=5)
+    compress(open_source(str(tiny_llama)), o, root / "art")
+    return root, o
+
+
+def test_down_rotated_artifact_runs_in_torch_and_onnx(down_rotated, calib_text, cli):
+    root, _ = down_rotated
+    m = read_manifest(root / "art")
+    assert m["rotate_down"] == {"block": 256, "seed": 7} and m["options"]["rotate_down"] is True
+    code, _, err = cli("export", root / "art", "--format", "onnx", "-o", root / "onnx")
+    assert code == 0, err
+    args = ["--text", calib_text, "--text-range", "0.6:0.62", "--ctx", "128", "--windows", "2", "--json"]
+    code, ref, err = cli("eval", root / "art", "--backend", "torch", *args)
+    assert code == 0, err
+    code, got, err = cli("eval", root / "onnx", "--backend", "onnxruntime", *args)
+    assert code == 0, err
+    assert json.loads(got)["ppl"] == pytest.approx(json.loads(ref)["ppl"], rel=0.005)
+    # the rotation is part of the function: the same artifact without it computes other logits
+    from lrdeploy.artifact import load_artifact
+
+    model, _ = load_artifact(root / "art")
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    assert all(d.in_rotation == rotate.InputRotation(256, 7) for d in downs)
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        for d in downs:
+            d.in_rotation = None
+        plain = model(ids).logits
+    assert float((plain - ref_logits).abs().max()) > 0.1 * float(ref_logits.abs().max())
+
+
+def test_down_rotated_resume_is_byte_identical(down_rotated, tiny_llama, tmp_path):
+    from lrdeploy.compressor.driver import compress
+
+    root, o = down_rotated
+    src = open_source(str(tiny_llama))
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, o, tmp_path / "part", stop_after=1)
+    compress(src, o, tmp_path / "part", resume=True)
+    assert (tmp_path / "part" / "model.safetensors").read_bytes() == (root / "art" / "model.safetensors").read_bytes()
+
+
+def test_rotate_down_refuses_llama_cpp(down_rotated, cli, tmp_path):
+    root, _ = down_rotated
+    code, _, err = cli("export", root / "art", "--format", "gguf", "-o", tmp_path / "g")
+    assert code == 2 and "--rotate-down" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g").exists()
+    code, _, err = cli("compress", "smollm2", "-o", tmp_path / "a", "--rotate-down", "-q")
+    assert code == 2 and "--rotate-down needs a runtime" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
