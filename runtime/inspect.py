@@ -371,6 +371,19 @@ def mix_notes(manifest: dict) -> list[str]:
             "mix says which and why)"]
 
 
+def rotation_notes(manifest: dict) -> list[str]:
+    """The rotations a compress folded in (--rotate) and the one it left for run time (--rotate-down)."""
+    o, notes = manifest.get("options") or {}, []
+    if o.get("rotate", "none") != "none":
+        notes.append(f"residual stream rotated ({o['rotate']}, seed {o.get('rotate_seed', 0)}), folded into the "
+                     "weights: every runtime runs it as is")
+    down = manifest.get("rotate_down")
+    if down:
+        notes.append(f"down_proj's input rotated online (randomized Hadamard in blocks of {down['block']}, seed "
+                     f"{down['seed']}): torch and ONNX run it, the GGUF export refuses it")
+    return notes
+
+
 def inspect_path(path: Path, verify: bool = False) -> dict:
     """Tensors of a .gguf or .onnx file, an export directory (GGUF or ONNX) or an artifact directory.
 
@@ -399,7 +412,7 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         checked = verify_files(path, manifest) if verify else []
         checks = [f"{name}: size and sha256 match the manifest" for name in checked]
         return _summary(rows, (manifest.get("summary") or {}).get("bpw"), "manifest", kind="artifact",
-                        verified=checked, checks=checks, notes=mix_notes(manifest))
+                        verified=checked, checks=checks, notes=mix_notes(manifest) + rotation_notes(manifest))
     model = path / GGUF_BASE
     if model.is_file():
         files = [model] + [p for p in (path / GGUF_ADAPTER,) if p.is_file()]

@@ -180,6 +180,10 @@ def test_down_rotated_artifact_runs_in_torch_and_onnx(down_rotated, calib_text, 
     root, _ = down_rotated
     m = read_manifest(root / "art")
     assert m["rotate_down"] == {"block": 256, "seed": 7} and m["options"]["rotate_down"] is True
+    code, shown, err = cli("inspect", root / "art", "--json")
+    assert code == 0, err
+    assert any("down_proj's input rotated online (randomized Hadamard in blocks of 256, seed 7)" in n
+               for n in json.loads(shown)["notes"]), shown
     code, _, err = cli("export", root / "art", "--format", "onnx", "-o", root / "onnx")
     assert code == 0, err
     args = ["--text", calib_text, "--text-range", "0.6:0.62", "--ctx", "128", "--windows", "2", "--json"]
@@ -222,3 +226,16 @@ def test_rotate_down_refuses_llama_cpp(down_rotated, cli, tmp_path):
     code, _, err = cli("compress", "smollm2", "-o", tmp_path / "a", "--rotate-down", "-q")
     assert code == 2 and "--rotate-down needs a runtime" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+
+
+def test_broken_rotate_down_record_is_one_line(down_rotated, cli, tmp_path):
+    import shutil
+
+    root, _ = down_rotated
+    art = tmp_path / "art"
+    shutil.copytree(root / "art", art)
+    m = json.loads((art / "lrdeploy.json").read_text())
+    m["rotate_down"] = {"block": 100, "seed": 7}
+    (art / "lrdeploy.json").write_text(json.dumps(m))
+    code, _, err = cli("eval", art, "--backend", "torch", "--ctx", "64", "--windows", "1")
+    assert code == 2 and "bad 'rotate_down' record" in err and len(err.strip().splitlines()) == 1, err

@@ -21,17 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402
 from report_sections import update_section  # noqa: E402
 
-KINDS = ("none", "residual", "residual+head")
+# the rotation kinds measured: --rotate's three, and residual plus the online down_proj rotation (--rotate-down)
+KINDS = ("none", "residual", "residual+head", "residual+down")
 BASES: list[tuple[str, str, list[str]]] = [
     ("rtn q2_k", "rtn", ["--q-format", "q2_k"]),
+    ("rtn q3_k", "rtn", ["--q-format", "q3_k"]),
     ("ldlq q2_k", "ldlq", ["--q-format", "q2_k"]),
     ("ldlq q3_k", "ldlq", ["--q-format", "q3_k"]),
     ("caldera q2_k + r32 q4_0", "caldera", ["--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0"]),
+    ("caldera q3_k + r32 q4_0", "caldera", ["--q-format", "q3_k", "--rank", "32", "--lr-format", "q4_0"]),
 ]
 
 
 def label(base: str, kind: str) -> str:
     return base if kind == "none" else f"{base}, rotate {kind}"
+
+
+def kind_args(kind: str) -> list[str]:
+    if kind == "none":
+        return []
+    if kind == "residual+down":
+        return ["--rotate", "residual", "--rotate-down"]
+    return ["--rotate", kind]
 
 
 def findings(rows: dict[tuple[str, str], dict]) -> list[str]:
@@ -70,6 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
     p.add_argument("--bases", nargs="*", default=[b for b, _, _ in BASES], help="which methods to run")
+    p.add_argument("--kinds", nargs="*", default=list(KINDS), help="which rotation kinds to run")
     a = p.parse_args()
     results.WORK.mkdir(parents=True, exist_ok=True)
     rows: dict[tuple[str, str], dict] = {}
@@ -79,9 +91,8 @@ def main() -> None:
             cache = results.WORK / f"{results.slug(name)}.json"
             if cache.is_file():
                 rows[base, kind] = json.loads(cache.read_text())
-            elif not a.only_report and base in a.bases:
-                extra = args if kind == "none" else [*args, "--rotate", kind]
-                rows[base, kind] = results.point(name, method, extra)
+            elif not a.only_report and base in a.bases and kind in a.kinds:
+                rows[base, kind] = results.point(name, method, [*args, *kind_args(kind)])
     ref = results.baseline() if not a.only_report or (results.WORK / "baseline.json").is_file() else None
     lines = ["## Rotations: a randomized Hadamard folded into the weights (SmolLM2-135M)", "",
              "Regenerate: `.venv/bin/python tools/rotation_results.py` (points cached in .cache/results, shared with "
@@ -95,7 +106,11 @@ def main() -> None:
             if r is None:
                 continue
             rel = "" if kind == "none" or plain is None else f"{100 * (r['ppl'] / plain['ppl'] - 1):+.1f}%"
-            lines.append(f"| {base} | {kind} | {r['bpw']:.3f} | {r['ppl']:.3f} | {rel} |")
+            mark = " †" if r.get("restored") else ""
+            lines.append(f"| {base} | {kind}{mark} | {r['bpw']:.3f} | {r['ppl']:.3f} | {rel} |")
+    if any(r.get("restored") for r in rows.values()):
+        lines += ["", "† measured by this command in an earlier session; its cache was not kept, so the point was "
+                  "restored from this table as it stood then, not run again."]
     lines += ["", *findings(rows)]
     missing = [label(b, k) for b, _, _ in BASES for k in KINDS if (b, k) not in rows]
     if missing:
