@@ -87,7 +87,7 @@ def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, 
     if o.rotate != "none":  # every tensor the run reads comes out rotated; the norms it folds read as ones
         source = rotate.RotatedSource(source, o.rotate, o.rotate_seed)
         config = source.config
-    down_rot = rotate.InputRotation.for_width(config.intermediate_size, o.rotate_seed + 2) if o.rotate_down else None
+    down_rot = rotate.InputRotation.for_down(config, o.rotate_seed) if o.rotate_down else None
     if down_rot is not None:  # down_proj reads x·B: its weight comes out as W·B, the blocks rotate its input
         source = rotate.DownRotatedSource(source, down_rot)
     model = skeleton(config)

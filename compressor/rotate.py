@@ -238,6 +238,11 @@ class InputRotation:
         return cls(block, seed)
 
     @classmethod
+    def for_down(cls, config, seed: int) -> InputRotation:
+        """down_proj's rotation for --rotate-seed SEED (SEED gives Q, SEED + 1 Qh, SEED + 2 this one)."""
+        return cls.for_width(config.intermediate_size, seed + 2)
+
+    @classmethod
     def from_record(cls, rec: object) -> InputRotation | None:
         """The rotation a manifest records (None: none), or an error for a broken record."""
         if rec is None:

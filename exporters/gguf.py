@@ -523,25 +523,16 @@ def _export_artifact(path: Path, tmp: Path, np_dtype: np.dtype, dtype: str, merg
             raise LrdError(f"the source GGUF {src_file} lacks {sorted(missing)[0]}")
         # a `tensors` table replaces the source's token_embd and output (an artifact without a head has none)
         replaced = {gguf_name(tmap, n) for n in (EMBED, HEAD)} if get.tensors else set()
-        untouched = [_stored_tensor(t, n, None) for n, t in stored.items()
+        # a rotated artifact's norms (ones) and rotated biases are its own: the source's would undo the rotation
+        rotated = (manifest.get("options") or {}).get("rotate", "none") != "none"
+        own = _artifact_untouched(get, config, tmap, linears, np_dtype, arch) if rotated else {}
+        untouched = [own.get(n) or _stored_tensor(t, n, None) for n, t in stored.items()
                      if n not in linear_by_gguf and n not in replaced] + vocab
         fill = copied_metadata(src_file, ftype)
         meta_from, pre = f"copied from {src_file.name}", None
         untouched_as = "copied as the source GGUF stores them"
     else:
-        parts = tuple(f"{n}.{k}" for n in linears for k in ("q", "lora_l", "lora_r"))
-        parts += tuple(get.tensors) + tuple(f"{n}.q" for n in get.tensors)
-        untouched += vocab
-        for hf_name, info in get.header.items():
-            if hf_name in parts or (hf_name == HEAD and config.tie_word_embeddings):
-                continue
-            shape = tuple(info["shape"])
-            two_d = len(shape) == 2
-            heads = qk_heads(hf_name, config, arch)
-            kind = np_dtype if two_d else np.dtype(np.float32)
-            qtype = (QT.F16 if kind == np.float16 else QT.F32)
-            untouched.append(TensorOut(gguf_name(tmap, hf_name), qtype, shape,
-                                       partial(_float, _getter(get, hf_name, config), kind, heads)))
+        untouched += vocab + list(_artifact_untouched(get, config, tmap, linears, np_dtype, arch).values())
         untouched += _rope_tensors(config, head_dim=getattr(config, "head_dim", None))
         fill, pre = hf_metadata(config, path, arch, ftype, _model_name(path))
         meta_from = "written from config.json and tokenizer.json"
@@ -676,6 +667,24 @@ def _checked_arch(config: Any) -> str:
     if problem is not None:
         raise LrdError(f"GGUF export: {problem}")
     return arch
+
+
+def _artifact_untouched(get: Any, config: Any, tmap: gguf.TensorNameMap, linears: dict, np_dtype: np.dtype,
+                        arch: str) -> dict[str, TensorOut]:
+    """Every tensor the artifact stores besides its linears' Q, L, R and its embedding and head (norms, biases), by
+    GGUF name: 2-D ones in NP_DTYPE, 1-D ones in float32."""
+    parts = tuple(f"{n}.{k}" for n in linears for k in ("q", "lora_l", "lora_r"))
+    parts += tuple(get.tensors) + tuple(f"{n}.q" for n in get.tensors)
+    out: dict[str, TensorOut] = {}
+    for hf_name, info in get.header.items():
+        if hf_name in parts or (hf_name == HEAD and config.tie_word_embeddings):
+            continue
+        shape = tuple(info["shape"])
+        kind = np_dtype if len(shape) == 2 else np.dtype(np.float32)
+        name = gguf_name(tmap, hf_name)
+        out[name] = TensorOut(name, QT.F16 if kind == np.float16 else QT.F32, shape,
+                              partial(_float, _getter(get, hf_name, config), kind, qk_heads(hf_name, config, arch)))
+    return out
 
 
 def _getter(get: Callable[[str], torch.Tensor], hf_name: str, config: Any) -> Callable[[], torch.Tensor]:

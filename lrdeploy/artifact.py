@@ -266,17 +266,17 @@ class ArtifactTensors:
 
 
 def install_qlr(model: nn.Module, linears: dict) -> None:
-    """Swap each compressed nn.Linear of MODEL for an empty QLRLinear of the manifest's shape and rank."""
+    """Swap each compressed nn.Linear of MODEL for an empty QLRLinear of the manifest's shape and rank (keeping a
+    down_proj's online input rotation)."""
+    from lrdeploy.compressor.rotate import carry
+
     for name, e in linears.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         out, in_ = e["shape"]
         qlr = QLRLinear(in_, out, e["rank"], e["q_format"] is not None, old.bias is not None, device="meta")
-        rot = getattr(old, "in_rotation", None)
-        if rot is not None:
-            qlr.in_rotation = rot
-        setattr(parent, child, qlr)
+        setattr(parent, child, carry(old, qlr))
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -239,3 +239,32 @@ def test_broken_rotate_down_record_is_one_line(down_rotated, cli, tmp_path):
     (art / "lrdeploy.json").write_text(json.dumps(m))
     code, _, err = cli("eval", art, "--backend", "torch", "--ctx", "64", "--windows", "1")
     assert code == 2 and "bad 'rotate_down' record" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_rotated_gguf_from_a_gguf_source_keeps_its_own_norms(calib_text, cli, tmp_path):
+    """SmolLM2's source is a GGUF, whose untouched tensors the exporter copies byte for byte; a rotated artifact's
+    norms (ones) and biases are its own, and copying the source's there broke the file (Qwen2.5-1.5B: ppl 1e22)."""
+    import gguf
+    import numpy as np
+
+    from lrdeploy.artifact import ArtifactTensors
+
+    art, out = tmp_path / "art", tmp_path / "gguf"
+    code, _, err = cli("compress", "smollm2", "-o", art, "--method", "rtn", "--q-format", "q8_0", "--calib",
+                       calib_text, "--calib-tokens", "512", "--seq-len", "128", "--rotate", "residual", "-q")
+    assert code == 0, err
+    code, _, err = cli("export", art, "--format", "gguf", "-o", out)
+    assert code == 0, err
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    own = ArtifactTensors(art, read_manifest(art))
+    for gguf_name, hf_name in (("output_norm.weight", "model.norm.weight"),
+                               ("blk.3.attn_norm.weight", "model.layers.3.input_layernorm.weight")):
+        assert np.array_equal(np.asarray(tensors[gguf_name].data), np.ones(576, dtype=np.float32))
+        assert torch.equal(own(hf_name), torch.ones(576))
+    assert not torch.equal(open_source("smollm2").tensor("model.norm.weight"), torch.ones(576))  # it did change
+    args = ["--text", calib_text, "--text-range", "0.6:0.65", "--ctx", "256", "--windows", "2", "--json"]
+    code, ref, err = cli("eval", art, "--backend", "torch", *args)
+    assert code == 0, err
+    code, got, err = cli("eval", out, "--backend", "llamacpp", *args)
+    assert code == 0, err
+    assert json.loads(got)["ppl"] == pytest.approx(json.loads(ref)["ppl"], rel=0.01)

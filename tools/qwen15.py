@@ -274,6 +274,8 @@ def report(rows: list[dict], a: argparse.Namespace, weights: int) -> str:
     if old:
         lines += ["", f"† {old[0]}"]
     lines += ["", *goals(rows, lq, weights)]
+    rot = rotations(rows, lq)
+    lines += ["", *rot[:-1]] if rot else []
     missing = [label for label, _ in OURS if not any(r["short"] == f"lrdeploy {label}" for r in rows)]
     if missing:
         lines += ["", "Not measured yet (each compress takes 25-60 minutes on 2 cores): " + ", ".join(missing) + "."]
@@ -352,6 +354,30 @@ def goals(rows: list[dict], lq: list[tuple[int, float]], weights: int) -> list[s
             parts.append(f"peak RSS {gb:.2f} GiB" + ("" if gb * 1.073741824 <= 3 else " (**over 3 GB**)"))
         out.append(f"- {r['short']}: " + "; ".join(parts) + ".")
     return out + ["", coverage(rows, lq, weights)]
+
+
+def rotations(rows: list[dict], lq: list[tuple[int, float]]) -> list[str]:
+    """Each rotated point against its unrotated twin (the same options without --rotate): bytes, perplexity and the
+    frontier gap of both."""
+    out = []
+    for r in rows:
+        base_label, sep, kind = r["short"].partition(", rotate ")
+        twin = next((x for x in rows if x["short"] == base_label), None)
+        if not sep or twin is None or not (r.get("ppl") and twin.get("ppl")):
+            continue
+        head = (r.get("compress") or {}).get("output_bytes")
+        gaps = [interp_ppl(lq, x["bytes"]) for x in (r, twin)]
+        gap = ("" if None in gaps else f"; against the frontier at its bytes {100 * (r['ppl'] / gaps[0] - 1):+.1f}% "
+               f"(unrotated {100 * (twin['ppl'] / gaps[1] - 1):+.1f}%)")
+        out.append(f"- {base_label.removeprefix('lrdeploy ')}, rotate {kind}: {r['bytes'] / 1e6:.1f} MB against "
+                   f"{twin['bytes'] / 1e6:.1f} MB" + (f" (the head, stored apart: {head / 1e6:.1f} MB)" if head else "")
+                   + f"; perplexity {r['ppl']:.3f} against {twin['ppl']:.3f} "
+                   f"({100 * (r['ppl'] / twin['ppl'] - 1):+.1f}%){gap}.")
+    if not out:
+        return []
+    return ["**Rotations** (`--rotate`: a randomized Hadamard folded into the weights, so stock llama.cpp runs the "
+            "file; the head carries the final norm, so the tied 1.5B is untied and stores its head apart), each "
+            "against the same options unrotated:", "", *out, ""]
 
 
 def coverage(rows: list[dict], lq: list[tuple[int, float]], weights: int, lo: float = 2.2, hi: float = 3.3) -> str:

@@ -73,8 +73,52 @@ def findings(rows: dict[tuple[str, str], dict]) -> list[str]:
                   "more that costs, and RTN, which feeds no error forward, pays most. CALDERA and QuIP# rotate "
                   "both sides of every weight and undo it in their kernels; the residual-only form that stock "
                   "runtimes run does not get that."]
+    down = [(base, rows[base, "residual+down"]["ppl"] / rows[base, "residual"]["ppl"]) for base, _, _ in BASES
+            if (base, "residual+down") in rows and (base, "residual") in rows]
+    if down:
+        lines += ["", "**What the online down_proj rotation adds** (residual+down against residual alone): "
+                  + "; ".join(f"{b} {100 * (r - 1):+.1f}%" for b, r in down) + "."]
     lines += ["", "--rotate stays opt-in (`none` by default)."]
     return lines
+
+
+SPEED_BASE = "rtn q3_k"  # the pair whose ONNX exports are timed: with and without the online down_proj rotation
+SPEED = ["--ctx", "256,1024", "--gen-tokens", "64", "--runs", "3", "--threads", "2"]
+
+
+def speed() -> dict | None:
+    """One `lrdeploy bench` run over the ONNX exports of SPEED_BASE rotated residual, with and without
+    --rotate-down (side by side, medians of 3; cached). None until both artifacts exist."""
+    cache = results.WORK / "bench-rotate-down.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    arts = [results.WORK / results.slug(label(SPEED_BASE, k)) for k in ("residual", "residual+down")]
+    if not all((a / "lrdeploy.json").is_file() for a in arts):
+        return None
+    outs = []
+    for art in arts:
+        out = art.with_name(art.name + "-onnx")
+        if not (out / "model.onnx").is_file():
+            results.run_json(["export", str(art), "--format", "onnx", "-o", str(out), "--force", "--json"])
+        outs.append(str(out))
+    rep = results.run_json(["bench", *outs, "--baseline", "smollm2", "--backend", "onnxruntime", *SPEED, "--json",
+                            "-q"])
+    cache.write_text(json.dumps(rep, indent=1))
+    return rep
+
+
+def speed_lines(rep: dict) -> list[str]:
+    by_path = {m["path"]: m for m in rep["models"]}
+    plain, down = (next(m for p, m in by_path.items() if p.endswith(results.slug(label(SPEED_BASE, k)) + "-onnx"))
+                   for k in ("residual", "residual+down"))
+    cells = []
+    for a, b in zip(plain["ctx"], down["ctx"], strict=True):
+        cells.append(f"ctx {a['ctx']}: decode {b['decode_tps']:.0f} against {a['decode_tps']:.0f} tok/s "
+                     f"({b['decode_tps'] / a['decode_tps']:.2f}×), prefill {b['prefill_tps']:.0f} against "
+                     f"{a['prefill_tps']:.0f} ({b['prefill_tps'] / a['prefill_tps']:.2f}×)")
+    return [f"**What --rotate-down costs at run time** (onnxruntime CPU EP, the fused ONNX exports of {SPEED_BASE} "
+            f"rotated residual with and without it, one `lrdeploy bench {' '.join(SPEED)}` run, medians): "
+            + "; ".join(cells) + f". Files: {down['bytes'] / 1e6:.1f} against {plain['bytes'] / 1e6:.1f} MB."]
 
 
 def main() -> None:
@@ -112,6 +156,9 @@ def main() -> None:
         lines += ["", "† measured by this command in an earlier session; its cache was not kept, so the point was "
                   "restored from this table as it stood then, not run again."]
     lines += ["", *findings(rows)]
+    rep = speed() if not a.only_report or (results.WORK / "bench-rotate-down.json").is_file() else None
+    if rep:
+        lines += ["", *speed_lines(rep)]
     missing = [label(b, k) for b, _, _ in BASES for k in KINDS if (b, k) not in rows]
     if missing:
         lines += ["", "Not measured yet: " + "; ".join(missing) + "."]
