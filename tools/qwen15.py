@@ -365,12 +365,17 @@ def rotations(rows: list[dict], lq: list[tuple[int, float]]) -> list[str]:
         twin = next((x for x in rows if x["short"] == base_label), None)
         if not sep or twin is None or not (r.get("ppl") and twin.get("ppl")):
             continue
-        head = (r.get("compress") or {}).get("output_bytes")
+        head, twin_head = ((x.get("compress") or {}).get("output_bytes") for x in (r, twin))
+        if head and head == twin_head:
+            what = (f" (both store the head apart, {head / 1e6:.1f} MB: the mix's own output format already unties "
+                    "the 1.5B, so the rotation costs no bytes)")
+        else:
+            what = f" (the rotation unties the head: {head / 1e6:.1f} MB stored apart)" if head else ""
         gaps = [interp_ppl(lq, x["bytes"]) for x in (r, twin)]
         gap = ("" if None in gaps else f"; against the frontier at its bytes {100 * (r['ppl'] / gaps[0] - 1):+.1f}% "
                f"(unrotated {100 * (twin['ppl'] / gaps[1] - 1):+.1f}%)")
         out.append(f"- {base_label.removeprefix('lrdeploy ')}, rotate {kind}: {r['bytes'] / 1e6:.1f} MB against "
-                   f"{twin['bytes'] / 1e6:.1f} MB" + (f" (the head, stored apart: {head / 1e6:.1f} MB)" if head else "")
+                   f"{twin['bytes'] / 1e6:.1f} MB" + what
                    + f"; perplexity {r['ppl']:.3f} against {twin['ppl']:.3f} "
                    f"({100 * (r['ppl'] / twin['ppl'] - 1):+.1f}%){gap}.")
     if not out:

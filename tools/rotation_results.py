@@ -65,14 +65,16 @@ def findings(rows: dict[tuple[str, str], dict]) -> list[str]:
         lines += ["", "At 3 bits LDLQ likely gains what QuIP# and CALDERA rotate for: no weight of a rotated row "
                   "stands out, and the error that LDLQ feeds forward lands on columns that are all alike."]
     if worse:
-        lines += ["", "Two likely causes of the losses, neither isolated here. SmolLM2's source is a Q4_1 GGUF: "
+        lines += ["", "Likely causes of the losses, none isolated here. SmolLM2's source is a Q4_1 GGUF: "
                   "unrotated, every 32-weight run of a row already sits on a 16-level grid, and a rotation mixes each "
                   "row over all 576 columns and throws that structure away. Its residual stream also carries a few "
                   "channels of very large activations, which the rotation spreads over every channel, so the "
                   "rounding error of the writers (o_proj, down_proj) reaches all of them; the coarser the grid, the "
-                  "more that costs, and RTN, which feeds no error forward, pays most. CALDERA and QuIP# rotate "
-                  "both sides of every weight and undo it in their kernels; the residual-only form that stock "
-                  "runtimes run does not get that."]
+                  "more that costs. RTN pays most: it weighs each input channel by its own diagonal entry of H, and "
+                  "after the rotation the large channels' energy lies along a dense direction of H that no diagonal "
+                  "entry shows, so RTN rounds without regard to it; LDLQ and CALDERA use all of H. CALDERA and "
+                  "QuIP# rotate both sides of every weight and undo it in their kernels; the residual-only form that "
+                  "stock runtimes run does not get that."]
     down = [(base, rows[base, "residual+down"]["ppl"] / rows[base, "residual"]["ppl"]) for base, _, _ in BASES
             if (base, "residual+down") in rows and (base, "residual") in rows]
     if down:
@@ -121,6 +123,29 @@ def speed_lines(rep: dict) -> list[str]:
             + "; ".join(cells) + f". Files: {down['bytes'] / 1e6:.1f} against {plain['bytes'] / 1e6:.1f} MB."]
 
 
+QWEN_RECORDS = Path(__file__).resolve().parents[1] / "docs" / "qwen15"
+
+
+def qwen_lines() -> list[str]:
+    """The 1.5B's rotated points against their unrotated twins, from tools/qwen15.py's committed records."""
+    out, within = [], []
+    for rec in sorted(QWEN_RECORDS.glob("ppl-*-rotate-*-c*.json")):
+        twin = QWEN_RECORDS / rec.name.replace("-rotate-residual-head", "").replace("-rotate-residual", "")
+        if not twin.is_file():
+            continue
+        point = rec.name.removeprefix("ppl-").rsplit("-c", 1)[0]
+        a, b = json.loads(rec.read_text()), json.loads(twin.read_text())
+        out.append(f"`{point}`: {a['ppl']:.3f} ± {a['ppl_err']:.2f} against {b['ppl']:.3f} unrotated "
+                   f"({100 * (a['ppl'] / b['ppl'] - 1):+.1f}%)")
+        within.append(abs(a["ppl"] - b["ppl"]) < max(a["ppl_err"], b["ppl_err"]))
+    if not out:
+        return []
+    verdict = (" Every difference lies within llama-perplexity's own standard error: a null result there."
+               if all(within) else "")
+    return ["**On Qwen2.5-Coder-1.5B** (GGUF, llama-perplexity; the Qwen2.5-Coder-1.5B section has the sizes and "
+            "the frontier): " + "; ".join(out) + "." + verdict]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only-report", action="store_true", help="compute nothing: report what is cached")
@@ -156,6 +181,7 @@ def main() -> None:
         lines += ["", "† measured by this command in an earlier session; its cache was not kept, so the point was "
                   "restored from this table as it stood then, not run again."]
     lines += ["", *findings(rows)]
+    lines += ["", *qwen_lines()] if qwen_lines() else []
     rep = speed() if not a.only_report or (results.WORK / "bench-rotate-down.json").is_file() else None
     if rep:
         lines += ["", *speed_lines(rep)]
