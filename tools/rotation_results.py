@@ -78,8 +78,11 @@ def findings(rows: dict[tuple[str, str], dict]) -> list[str]:
     down = [(base, rows[base, "residual+down"]["ppl"] / rows[base, "residual"]["ppl"]) for base, _, _ in BASES
             if (base, "residual+down") in rows and (base, "residual") in rows]
     if down:
+        helped = [b for b, r in down if r < 1]
+        verdict = ("" if not helped or len(helped) == len(down) else
+                   f" It pays only with {', '.join(helped)}; elsewhere it costs, so --rotate-down stays opt-in.")
         lines += ["", "**What the online down_proj rotation adds** (residual+down against residual alone): "
-                  + "; ".join(f"{b} {100 * (r - 1):+.1f}%" for b, r in down) + "."]
+                  + "; ".join(f"{b} {100 * (r - 1):+.1f}%" for b, r in down) + "." + verdict]
     lines += ["", "--rotate stays opt-in (`none` by default)."]
     return lines
 
@@ -163,7 +166,7 @@ def main() -> None:
             elif not a.only_report and base in a.bases and kind in a.kinds:
                 rows[base, kind] = results.point(name, method, [*args, *kind_args(kind)])
     ref = results.baseline() if not a.only_report or (results.WORK / "baseline.json").is_file() else None
-    lines = ["## Rotations: a randomized Hadamard folded into the weights (SmolLM2-135M)", "",
+    lines = ["## Rotations: a randomized Hadamard folded into the weights (SmolLM2-135M; Qwen2.5-Coder-1.5B)", "",
              "Regenerate: `.venv/bin/python tools/rotation_results.py` (points cached in .cache/results, shared with "
              "the compressor section). `--target any`; calibration on the first half of "
              "tools/data/wikitext2-valid.txt, `lrdeploy eval` (torch, 40 windows of 512 tokens) on the second half.",
