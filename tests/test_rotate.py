@@ -86,10 +86,11 @@ def test_rotated_exports_reproduce_torch(rotated, calib_text, cli, fmt, backend,
     assert json.loads(got)["ppl"] == pytest.approx(json.loads(ref)["ppl"], rel=rel)
 
 
-def test_rotated_resume_is_byte_identical(rotated, tiny_llama, tmp_path):
+@pytest.mark.parametrize("run", ["rotated", "down_rotated"])
+def test_rotated_resume_is_byte_identical(run, tiny_llama, tmp_path, request):
     from lrdeploy.compressor.driver import compress
 
-    root, o = rotated
+    root, o = request.getfixturevalue(run)
     src = open_source(str(tiny_llama))
     with pytest.raises(KeyboardInterrupt):
         compress(src, o, tmp_path / "part", stop_after=1)
@@ -205,17 +206,6 @@ def test_down_rotated_artifact_runs_in_torch_and_onnx(down_rotated, calib_text, 
             d.in_rotation = None
         plain = model(ids).logits
     assert float((plain - ref_logits).abs().max()) > 0.1 * float(ref_logits.abs().max())
-
-
-def test_down_rotated_resume_is_byte_identical(down_rotated, tiny_llama, tmp_path):
-    from lrdeploy.compressor.driver import compress
-
-    root, o = down_rotated
-    src = open_source(str(tiny_llama))
-    with pytest.raises(KeyboardInterrupt):
-        compress(src, o, tmp_path / "part", stop_after=1)
-    compress(src, o, tmp_path / "part", resume=True)
-    assert (tmp_path / "part" / "model.safetensors").read_bytes() == (root / "art" / "model.safetensors").read_bytes()
 
 
 def test_rotate_down_refuses_llama_cpp(down_rotated, cli, tmp_path):

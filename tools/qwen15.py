@@ -383,7 +383,7 @@ def rotations(rows: list[dict], lq: list[tuple[int, float]]) -> list[str]:
     if not out:
         return []
     return ["**Rotations** (`--rotate`: a randomized Hadamard folded into the weights, so stock llama.cpp runs the "
-            "file; the head carries the final norm, so the tied 1.5B is untied and stores its head apart), each "
+            "file; the head carries the final norm, so a rotated model stores its head apart from the embedding), each "
             "against the same options unrotated:", "", *out, ""]
 
 
