@@ -262,7 +262,7 @@ class InputRotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x·B over the last axis, in x's dtype (float64 inputs stay float64)."""
-        hb = self.matrix.to(device=x.device, dtype=x.dtype)
+        hb = _block_matrix(self.block, self.seed, x.dtype, x.device)
         return (x.reshape(*x.shape[:-1], -1, self.block) @ hb).reshape(x.shape)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -276,8 +276,12 @@ class InputRotation:
 
 
 @functools.cache
-def _block_matrix(block: int, seed: int) -> torch.Tensor:
-    return orthogonal(block, seed)
+def _block_matrix(block: int, seed: int, dtype: torch.dtype = torch.float64,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Hb, built once in float64 and cast once per dtype and device: apply() runs in every forward of a down_proj."""
+    if dtype == torch.float64 and device is None:
+        return orthogonal(block, seed)
+    return _block_matrix(block, seed).to(device=device, dtype=dtype)
 
 
 def input_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,7 @@ def _int_pairs(items: list[str], flag: str) -> dict[str, int]:
 
 
 def _print_summary(manifest: dict) -> None:
-    from lrdeploy.runtime.inspect import mix_notes
+    from lrdeploy.runtime.inspect import mix_notes, rotation_notes
 
     s = manifest["summary"]
     t = Table(title=f"{manifest['method']} -> bpw {s['bpw']:.3f}")
@@ -201,9 +201,7 @@ def _print_summary(manifest: dict) -> None:
     )
     o = manifest.get("options", {})
     mix = [f"preset {o['preset']}"] if "preset" in o else []
-    mix += [f"rotation {o['rotate']} (seed {o['rotate_seed']})"] if "rotate" in o else []
-    mix += ["down_proj's input rotated online (torch and ONNX only)"] if o.get("rotate_down") else []
-    mix += mix_notes(manifest)
+    mix += rotation_notes(manifest) + mix_notes(manifest)
     if mix:
         out.print(", ".join(mix), soft_wrap=True)
 
