@@ -42,6 +42,7 @@ import torch
 from lrdeploy.compressor import arch as archs
 from lrdeploy.errors import LrdError
 from lrdeploy.files import ONNX_DATA as DATA_FILE
+from lrdeploy.files import ONNX_KEEP as KEEP
 from lrdeploy.files import ONNX_META as META_FILE
 from lrdeploy.files import ONNX_MODEL as MODEL_FILE
 from lrdeploy.io import output_lock, staged_output
@@ -50,7 +51,7 @@ OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
 MS_DOMAIN = "com.microsoft"
 META_FORMAT = "lrdeploy-onnx"
-META_VERSION = 2  # 2: the fused graph, quantized embedding/head and L·R, weights always in model.onnx.data
+META_VERSION = 3  # 2: the fused graph, quantized embedding/head and L·R, weights in model.onnx.data; 3: logits_to_keep
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ZERO_POINTS = ("auto", "uint8", "float")
 GRAPHS = ("auto", "fused", "plain")
@@ -734,13 +735,23 @@ def _embed(g: Graph, s: DecoderShape, v: Vocab) -> str:
 
 
 def _logits(g: Graph, s: DecoderShape, v: Vocab, x: str) -> None:
-    """The graph output logits [B, S, vocab] from the final hidden states X."""
+    """The graph output logits [B, K, vocab] from the final hidden states X [B, S, hidden]: the last K positions,
+    K = the optional input logits_to_keep, whose default 0 keeps all S (what onnxruntime-genai and perplexity want).
+    A prefill that only needs the next token feeds 1, so the head runs once per chunk instead of S times, and the
+    chunk's [S, vocab] logits (100 MB for SmolLM2's 512-token chunks) are never made."""
+    from onnx import numpy_helper
+
+    g.inits.append(numpy_helper.from_array(np.array(0, np.int64), KEEP))  # an input with a default: an initializer
+    seq = g.op("Shape", x, start=1, end=2)
+    want = g.op("Reshape", KEEP, g.const([1]))
+    keep = g.op("Where", g.op("Equal", want, g.const([0])), seq, g.op("Min", want, seq))
+    x = g.op("Slice", x, g.op("Sub", seq, keep), seq, g.const([1]))
     if v.head_q is not None:
         _matmul_nbits(g, x, v.head_q, v.head_inits, "lm_head")
         g.nodes[-1].output[0] = "logits"  # the last node (MatMulNBits, or the offsets' Sub) writes the output
         return
     flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, s.hidden])), v.head_inits["W"], transB=1)
-    out_shape = g.op("Concat", g.op("Shape", "input_ids"), g.const([s.vocab]), axis=0)
+    out_shape = g.op("Concat", g.op("Shape", x, end=2), g.const([s.vocab]), axis=0)
     g.output("Reshape", "logits", flat, out_shape)
 
 
@@ -780,7 +791,8 @@ def decoder_io(s: DecoderShape, elem: int, position_ids: bool = True) -> tuple[l
     ]
     if position_ids:
         inputs.append(_io("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
-    outputs = [_io("logits", elem, ["batch_size", "sequence_length", s.vocab])]
+    inputs.append(_io(KEEP, TensorProto.INT64, []))  # optional: its initializer (0, every position) is the default
+    outputs = [_io("logits", elem, ["batch_size", "logits_length", s.vocab])]
     for i in range(s.layers):
         for kind in ("key", "value"):
             inputs.append(_io(f"past_key_values.{i}.{kind}", elem, ["batch_size", KV, "past_sequence_length", D]))

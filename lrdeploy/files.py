@@ -8,3 +8,4 @@ GGUF_SUMMARY = "export.json"
 ONNX_MODEL = "model.onnx"
 ONNX_DATA = "model.onnx.data"  # the weights of a graph over 1 GiB
 ONNX_META = "lrdeploy_onnx.json"
+ONNX_KEEP = "logits_to_keep"  # ONNX export: optional graph input, how many last positions get logits (0 = all)

@@ -162,6 +162,55 @@ def search_max_ctx(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
+def bracket_max_ctx(peak_at: Callable[[int], float | None], known: list[tuple[int, float]], budget: float,
+                    per_token: float, limit: int | None, checks: int = 8) -> tuple[int, list[tuple[int, float | None]]]:
+    """The longest context whose real peak stays in BUDGET, and the runs that found it.
+
+    KNOWN holds (tokens, peak) from timed runs; they only guide the guesses, except that a timed run under budget
+    proves its length fits (it did more than a check does). Each guess extends the line through the measured
+    peaks nearest the budget (at least PER_TOKEN, the KV cache's own slope) and is then run: peak_at(n) is its
+    peak, or None where the run failed (taken as over budget). Guesses that leave the bracket [largest fit,
+    smallest miss] become bisections, so the search ends within 1% of the true length (or CHECKS runs), and it
+    also searches upward: a first guess that fits with room to spare is not the answer.
+    """
+    pts = sorted(known)
+    ceiling = limit + 1 if limit else None  # the smallest length known not to fit (or not to exist)
+    lo = min(max((t for t, p in pts if p <= budget), default=0), limit or math.inf)
+    runs: list[tuple[int, float | None]] = []
+    missed = False
+
+    def guess() -> int:
+        under = [pt for pt in pts if pt[1] <= budget]
+        anchor = max(under) if under else pts[0]
+        near = sorted(pts, key=lambda pt: abs(pt[0] - anchor[0]))[1:2]
+        slope = per_token
+        if near and near[0][0] != anchor[0]:
+            slope = max(slope, (near[0][1] - anchor[1]) / (near[0][0] - anchor[0]))
+        return anchor[0] + math.floor((budget - anchor[1]) / slope * 0.97) if slope > 0 else lo + 1
+
+    for _ in range(checks):
+        if ceiling is not None and ceiling - lo <= (max(1, lo // 100) if missed else 1):
+            break
+        n = guess() if pts else lo + 1
+        if limit and n >= limit and not missed:
+            n = limit  # nothing has missed yet: try the model's whole context before bisecting towards it
+        elif ceiling is not None and not lo < n < ceiling:
+            n = (lo + ceiling) // 2
+        elif n <= lo:
+            n = 2 * lo
+        if n < 2:
+            break
+        peak = peak_at(n)
+        runs.append((n, peak))
+        if peak is not None and peak <= budget:
+            lo = n
+        else:
+            ceiling, missed = n, True
+        if peak is not None:
+            pts = sorted([*pts, (n, peak)])
+    return lo, runs
+
+
 def parse_bytes(text: str) -> int:
     """'4GiB', '512MiB', '2GB', '1000000' → bytes."""
     units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -448,7 +497,7 @@ def bench(targets: list[BenchModel], baseline: str, opts: BenchOptions,
     backends = list(dict.fromkeys(t.backend for t in targets))
     baselines = {b: baseline_for(baseline, b, opts.cache) for b in backends}
     order = [m for b in backends for m in (baselines[b], *[t for t in targets if t.backend == b])]
-    n_children = len(order) * (opts.runs + (1 if opts.ppl_text else 0)) + (len(order) * 2 if opts.memory_budget else 0)
+    n_children = len(order) * (opts.runs + (1 if opts.ppl_text else 0)) + (len(order) if opts.memory_budget else 0)
     if total:
         total(n_children)
     step = progress or (lambda _d: None)
@@ -495,37 +544,30 @@ def bench(targets: list[BenchModel], baseline: str, opts: BenchOptions,
 
 
 def max_context(m: BenchModel, r: dict, opts: BenchOptions, spec, step) -> dict:
-    """Analytic answer from the weights and the KV cache, then checked by really running at that length.
+    """The longest context whose whole peak stays in --memory-budget, found by real runs (bracket_max_ctx).
 
-    fixed = the peak at the longest measured context less its KV cache; (budget − fixed) / KV bytes per token gives
-    n. A child then holds n tokens and reports its peak. Over budget (what else grows with the context, such as
-    attention workspace), the slope measured by that run sets the next n, and it is checked again.
+    The first guess extends the timed runs' peaks along the KV cache's slope (or steeper, where the peaks rose
+    faster); each run holds n tokens and reports its peak, and the bracket closes from both sides.
     """
     budget, kv = opts.memory_budget, r["kv_per_token"]
     last = r["ctx"][-1]
     fixed = last["peak"] - kv * (last["ctx"] + opts.gen_tokens)
-    n = analytic_max_ctx(budget, fixed, kv, r["max_positions"])
-    info: dict[str, Any] = {"budget": budget, "fixed": fixed, "per_token": kv, "analytic": n, "checks": []}
-    fits = 0
-    for _ in range(4):
-        if n < 2:
-            break
+    known = [(c["ctx"] + opts.gen_tokens, c["peak"]) for c in r["ctx"]]
+    errors: dict[int, str] = {}
+
+    def peak_at(n: int) -> float | None:
         try:
-            peak = run_child(spec(m, "check", tokens=n))["peak"]
+            return run_child(spec(m, "check", tokens=n))["peak"]
         except ChildFailed as e:
-            info["checks"].append({"tokens": n, "error": str(e)})
-            n = int(n * 0.7)
-            continue
-        info["checks"].append({"tokens": n, "peak": peak})
-        if peak <= budget:
-            fits = n
-            break
-        slope = max(kv, (peak - fixed) / n)
-        n = min(n - 1, math.floor((budget - fixed) / slope * 0.97))
+            errors[n] = str(e)
+            return None
+
+    tokens, runs = bracket_max_ctx(peak_at, known, budget, kv, r["max_positions"])
     step(f"max context {m.label}")
-    limited = "model" if r["max_positions"] and fits == r["max_positions"] else "memory"
-    info.update(tokens=fits, limited_by=limited, checked=fits > 0)
-    return info
+    checks = [{"tokens": n, "error": errors[n]} if peak is None else {"tokens": n, "peak": peak} for n, peak in runs]
+    limited = "model" if r["max_positions"] and tokens == r["max_positions"] else "memory"
+    return {"budget": budget, "fixed": fixed, "per_token": kv, "checks": checks, "tokens": tokens,
+            "limited_by": limited, "checked": any("peak" in c and c["peak"] <= budget for c in checks)}
 
 
 def add_ratios(r: dict, base: dict) -> None:

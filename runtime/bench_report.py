@@ -86,10 +86,12 @@ def markdown(report: dict, command: str) -> str:
                 f"{c['tokens']:,} tokens → " + (f"peak {_mib(c['peak'])} MiB" if "peak" in c else c["error"])
                 for c in mc["checks"]
             ) or "no run possible"
+            found = f"the longest that fits: {mc['tokens']:,} tokens" if mc["tokens"] else "none fits"
+            if mc["tokens"] and not mc.get("checked"):
+                found += " (a timed run of that length stayed in the budget)"
             lines.append(
-                f"- {r['label']}: {_mib(mc['fixed'])} MiB at the longest measured context without its KV cache, "
-                f"plus {r['kv_per_token']:,} KV bytes per token, gives {mc['analytic']:,} tokens; real runs: "
-                f"{checks}."
+                f"- {r['label']}: first guess from the timed runs' peaks and {r['kv_per_token']:,} KV bytes per token;"
+                f" real runs: {checks}; {found}."
             )
     if report["ppl"]:
         p = report["ppl"]

@@ -14,6 +14,7 @@ import torch
 
 from lrdeploy.devices import check_device
 from lrdeploy.errors import LrdError
+from lrdeploy.files import ONNX_KEEP as KEEP
 from lrdeploy.files import ONNX_META as META_FILE
 from lrdeploy.files import ONNX_MODEL as MODEL_FILE
 from lrdeploy.runtime.stream import PREFILL_CHUNK, kv_bytes_per_token
@@ -93,6 +94,9 @@ class OnnxDecoder:
         self.session, self.tokenizer, self.io, self.bpw, self.device = session, tokenizer, io, bpw, device
         self.max_positions, self.shared = max_positions, shared
         self._outputs = [o.name for o in session.get_outputs()]
+        # lrdeploy's exports take an optional logits_to_keep (an initializer the caller may override): a prefill
+        # then computes the head for its last position only; other graphs (the builder's) give every position's
+        self._keep = KEEP in {i.name for i in session.get_overridable_initializers()}
         self._cache: dict[str, Any] = {}
         self._start, self._last = 0, None
 
@@ -119,23 +123,25 @@ class OnnxDecoder:
 
     def prefill(self, ids: list[int]) -> None:
         for i in range(0, len(ids), PREFILL_CHUNK):
-            self._advance(np.asarray(ids[i : i + PREFILL_CHUNK], np.int64))
+            self._advance(np.asarray(ids[i : i + PREFILL_CHUNK], np.int64), every=False)
 
     def decode(self, n: int) -> None:
         for _ in range(n):
-            self._advance(np.array([int(np.argmax(self._last))], np.int64))
+            self._advance(np.array([int(np.argmax(self._last))], np.int64), every=False)
 
-    def _advance(self, chunk: np.ndarray) -> np.ndarray:
-        """Run CHUNK at the current position on the current cache; returns its logits [n, vocab]."""
+    def _advance(self, chunk: np.ndarray, every: bool = True) -> np.ndarray:
+        """Run CHUNK at the current position on the current cache; returns its logits [n, vocab], or where EVERY is
+        false and the graph allows it, the last position's alone [1, vocab]."""
+        keep = {} if every or not self._keep else {KEEP: np.array(1, np.int64)}
         if self.shared or self.device == "cuda":
-            logits = self._run_bound(chunk)
+            logits = self._run_bound(chunk, keep)
         else:
-            logits, self._cache = self.step(chunk, self._start, self._cache)
+            logits, self._cache = self.step(chunk, self._start, self._cache, keep)
         self._start += len(chunk)
         self._last = logits[-1]
         return logits
 
-    def _run_bound(self, chunk: np.ndarray) -> np.ndarray:
+    def _run_bound(self, chunk: np.ndarray, keep: dict[str, np.ndarray]) -> np.ndarray:
         """One step through IO binding: a shared buffer is written in place (present bound to past), a growing cache
         stays on the GPU between steps (present bound to new device tensors)."""
         import onnxruntime as ort
@@ -150,6 +156,8 @@ class OnnxDecoder:
         binding.bind_output("logits", "cpu")  # outputs come back in the order they were bound
         for k, v in self._feed(chunk, self._start).items():
             binding.bind_cpu_input(k, v)
+        for k, v in keep.items():  # an overridable initializer binds as an OrtValue only
+            binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v))
         for past, present in self._names():
             binding.bind_ortvalue_input(past, self._cache[past])
             if self.shared:
@@ -205,9 +213,10 @@ class OnnxDecoder:
         self.reset(len(ids_np))
         return torch.from_numpy(np.concatenate([self._advance(c) for c in chunks]).astype(np.float32))
 
-    def step(self, chunk: np.ndarray, start: int, cache: dict) -> tuple[np.ndarray, dict]:
+    def step(self, chunk: np.ndarray, start: int, cache: dict,
+             keep: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
         """Run CHUNK at position START on a growing CACHE; returns (logits of the chunk, the grown cache)."""
-        outs = self.session.run(self._outputs, {**self._feed(chunk, start), **cache})
+        outs = self.session.run(self._outputs, {**self._feed(chunk, start), **cache, **(keep or {})})
         by_name = dict(zip(self._outputs, outs, strict=True))
         return by_name["logits"][0], {past: by_name[present] for past, present in self._names()}
 
@@ -217,7 +226,7 @@ class OnnxDecoder:
         self.reset(len(chunk) + n_new)
         out: list[int] = []
         while len(out) < n_new:
-            logits = self._advance(chunk)
+            logits = self._advance(chunk, every=False)
             out.append(int(np.argmax(logits[-1])))
             chunk = np.array([out[-1]], np.int64)
         return out

@@ -232,6 +232,32 @@ def test_fused_graph_ops_cache_and_quantized_vocab(tiny_artifacts, tmp_path):
         m.decode(1)
 
 
+@pytest.mark.parametrize("graph", ["fused", "plain"])
+def test_logits_to_keep(tiny_artifacts, tmp_path, graph):
+    """The optional input logits_to_keep: K > 0 gives the last K positions' logits alone, equal to those rows of
+    the full pass; 0 and the default (not fed, as onnxruntime-genai runs the graph) give every position's. The
+    runtime's prefill asks for one row, and generation still matches torch."""
+    from lrdeploy.artifact import load_artifact
+
+    art = tiny_artifacts["llama_q2_k"]
+    export_onnx(str(art), tmp_path / graph, graph=graph)
+    m = open_onnxruntime(tmp_path / graph, "cpu")
+    assert "logits_to_keep" in {i.name for i in m.session.get_overridable_initializers()}
+    ids = torch.arange(3, 40)
+    full = m.logits(ids).numpy()
+    assert full.shape[0] == 37
+    feed = {**m._feed(ids.numpy(), 0), **m.empty_cache()}
+    for k, rows in ((1, 1), (5, 5), (0, 37), (99, 37)):
+        (out,) = m.session.run(["logits"], {**feed, "logits_to_keep": np.array(k, np.int64)})
+        assert out.shape == (1, rows, full.shape[1]), k
+        np.testing.assert_allclose(out[0], full[-rows:], rtol=0, atol=1e-5 * np.abs(full).max())
+    m.reset(45)
+    m.prefill(ids.tolist())
+    np.testing.assert_allclose(m._last, full[-1], rtol=0, atol=1e-5 * np.abs(full).max())
+    model, _ = load_artifact(art)
+    assert m.generate(ids[:9], 5) == _torch_greedy(model, ids[:9], 5)
+
+
 def test_source_blocks_decode_as_ggml(tmp_path):
     """A source's q4_1 and q6_k embedding/head map onto MatMulNBits exactly: the values onnxruntime computes with
     equal gguf-py's dequantization bit for bit; a type without an exact form is left to floats."""

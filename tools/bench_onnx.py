@@ -1,17 +1,20 @@
-"""lrdeploy's ONNX exports against onnxruntime-genai's model builder on SmolLM2-135M, in one `lrdeploy bench` run.
+"""lrdeploy's ONNX exports against onnxruntime-genai's model builder, in one `lrdeploy bench` run per model.
 
-    python tools/bench_onnx.py [--work DIR] [--ctx 256,1024] [--runs 3] [--threads 2] [--ppl-windows 40]
-                               [--budget 512MiB] [--no-write] [--only-report]
+    python tools/bench_onnx.py [--model smollm2|qwen2.5-coder-1.5b] [--work DIR] [--ctx 256,1024] [--runs 3]
+                               [--threads 2] [--ppl-windows N] [--budget 512MiB|none] [--no-write] [--only-report]
 
-What it does, each step cached in --work (the lrdeploy cache's bench_onnx by default) so a rerun only measures:
+What it does, each step cached in --work (the lrdeploy cache's bench_onnx, one folder per model besides SmolLM2)
+so a rerun only measures:
 
-1. compresses SmolLM2 twice with the calibration of the peers section (first half of the WikiText-2 validation
-   text), both with the embedding (= the tied head) in q4_0 so the files come out at the builder's size:
+1. compresses the model with the calibration of the peers section (first half of the WikiText-2 validation text),
+   with the embedding (= the tied head) in q4_0 so the files come out at the builder's size. SmolLM2:
    `--method rtn --q-format q4_0` and `--method caldera --q-format q2_k --rank 32 --lr-format q4_0 --fallback q4_0`
-   (SmolLM2's 576-wide linears hold no q2_k super-block; their fallback is q4_0, which ONNX runs at 4 bits);
-2. exports each with the default fused graph, exact (float activations) and with `--int8-activations`, and the rtn
-   artifact also as the plain graph;
-3. writes SmolLM2 as an HF directory and runs the builder on it:
+   (SmolLM2's 576-wide linears hold no q2_k super-block; their fallback is q4_0, which ONNX runs at 4 bits).
+   Qwen2.5-Coder-1.5B: `--method ldlq --q-format q4_0 --calib-tokens 8192` (a 2-bit backbone costs 4-bit bytes or
+   more in ONNX, so the file at the builder's size is a 4-bit one);
+2. exports each with the default fused graph, exact (float activations) and with `--int8-activations` (SmolLM2's
+   rtn artifact also as the plain graph);
+3. writes the model as an HF directory and runs the builder on it:
    `python -m onnxruntime_genai.models.builder -i HF -o OUT -p int4 -e cpu` (onnx-ir, which the builder imports, is
    installed into --work, not into the venv);
 4. runs `lrdeploy bench` over all of them with the fp32 export as the baseline: load memory, prefill and decode
@@ -20,7 +23,8 @@ What it does, each step cached in --work (the lrdeploy cache's bench_onnx by def
 5. measures what the onnxruntime session alone holds after load in a fresh process (onnxruntime and numpy only, no
    tokenizer, no torch), and checks that onnxruntime-genai loads our fused export and generates lrdeploy's greedy
    tokens;
-6. writes the "onnx" section of docs/results.md, with the bench's report and plots in docs/bench-onnx/.
+6. writes the model's section of docs/results.md ("onnx", "onnx-qwen15"), with the bench's report and plots in
+   docs/bench-onnx/ (docs/bench-onnx-qwen15/).
 """
 
 from __future__ import annotations
@@ -30,30 +34,56 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
 
+from lrdeploy.exporters.onnx import META_VERSION  # noqa: E402
 from lrdeploy.io import cache_root  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT = REPO / "docs" / "bench-onnx"
 CALIB = ["--calib", str(WIKITEXT), "--calib-range", "0:0.5", "--target", "gguf", "--embed-type", "q4_0",
          "--output-type", "q4_0"]
-ARTIFACTS = {
-    "rtn q4_0": ["--method", "rtn", "--q-format", "q4_0"],
-    "caldera q2_k + r32 q4_0": ["--method", "caldera", "--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0",
-                                "--fallback", "q4_0"],  # iq4_nl, the GGUF default, is 8-bit in ONNX
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model's comparison: what to compress and export, where it is cached and reported, and its defaults."""
+
+    title: str
+    section: str  # of docs/results.md
+    report: Path  # the bench's report and plots
+    work: str  # folder under --work ("" for SmolLM2, whose cache predates the others)
+    artifacts: dict[str, list[str]]
+    exports: list[tuple[str, str, list[str]]]  # (label, artifact, export flags); [0] exact, [1] int8 activations
+    ppl_windows: int
+    budget: str  # "none": no context search
+    note: str  # what "ours" is, for the report
+
+
+SETUPS = {
+    "smollm2": Setup(
+        "SmolLM2-135M", "onnx", REPO / "docs" / "bench-onnx", "",
+        {"rtn q4_0": ["--method", "rtn", "--q-format", "q4_0"],
+         "caldera q2_k + r32 q4_0": ["--method", "caldera", "--q-format", "q2_k", "--rank", "32", "--lr-format",
+                                     "q4_0", "--fallback", "q4_0"]},  # iq4_nl, the GGUF default, is 8-bit in ONNX
+        [("lrdeploy rtn q4_0, fused", "rtn q4_0", []),
+         ("lrdeploy rtn q4_0, fused, int8 activations", "rtn q4_0", ["--int8-activations"]),
+         ("lrdeploy rtn q4_0, plain graph", "rtn q4_0", ["--graph", "plain"]),
+         ("lrdeploy caldera q2_k + r32 q4_0, fused", "caldera q2_k + r32 q4_0", []),
+         ("lrdeploy caldera q2_k + r32 q4_0, fused, int8 activations", "caldera q2_k + r32 q4_0",
+          ["--int8-activations"])],
+        40, "512MiB", "SmolLM2 compressed"),
+    "qwen2.5-coder-1.5b": Setup(
+        "Qwen2.5-Coder-1.5B", "onnx-qwen15", REPO / "docs" / "bench-onnx-qwen15", "qwen15",
+        {"ldlq q4_0": ["--method", "ldlq", "--q-format", "q4_0", "--calib-tokens", "8192"]},
+        [("lrdeploy ldlq q4_0, fused", "ldlq q4_0", []),
+         ("lrdeploy ldlq q4_0, fused, int8 activations", "ldlq q4_0", ["--int8-activations"])],
+        16, "none", "Qwen2.5-Coder-1.5B compressed by `--method ldlq --q-format q4_0 --calib-tokens 8192`"),
 }
-EXPORTS = [  # (label, artifact, export flags)
-    ("lrdeploy rtn q4_0, fused", "rtn q4_0", []),
-    ("lrdeploy rtn q4_0, fused, int8 activations", "rtn q4_0", ["--int8-activations"]),
-    ("lrdeploy rtn q4_0, plain graph", "rtn q4_0", ["--graph", "plain"]),
-    ("lrdeploy caldera q2_k + r32 q4_0, fused", "caldera q2_k + r32 q4_0", []),
-    ("lrdeploy caldera q2_k + r32 q4_0, fused, int8 activations", "caldera q2_k + r32 q4_0", ["--int8-activations"]),
-]
 BUILDER = "onnxruntime-genai builder int4"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
 
@@ -62,33 +92,35 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
-def artifact(work: Path, label: str) -> Path:
+def artifact(work: Path, model: str, label: str) -> Path:
     out = work / "art" / slug(label)
     if not (out / "lrdeploy.json").is_file():
         print(f"compressing {label} ...", flush=True)
         again = "--resume" if out.with_name(out.name + ".partial").is_dir() else "--force"
-        run_json(["compress", "smollm2", "-o", str(out), *CALIB, *ARTIFACTS[label], again, "--json"])
+        run_json(["compress", model, "-o", str(out), *CALIB, *SETUPS[model].artifacts[label], again, "--json"])
     return out
 
 
 def export(work: Path, label: str, art: Path, flags: list[str]) -> Path:
     out = work / "onnx" / slug(label)
-    if not (out / "lrdeploy_onnx.json").is_file():
+    meta = out / "lrdeploy_onnx.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("version") != META_VERSION:  # made by this exporter
         run_json(["export", str(art), "--format", "onnx", "-o", str(out), *flags, "--force", "--json"])
     return out
 
 
-def builder(work: Path) -> Path:
-    """The builder's int4 CPU export of SmolLM2, from an HF directory of the source's weights."""
+def builder(work: Path, model: str = "smollm2") -> Path:
+    """The builder's int4 CPU export of MODEL, from an HF directory of the source's (decoded, float32) weights."""
     out = work / "onnx" / slug(BUILDER)
     if (out / "genai_config.json").is_file():
         return out
-    hf = work / "smollm2-hf"
+    hf = work / f"{model}-hf"
     if not (hf / "config.json").is_file():
         from lrdeploy.compressor.model import load_full
         from lrdeploy.compressor.sources import open_source
 
-        src = open_source("smollm2")
+        print(f"writing {model} as an HF directory ...", flush=True)
+        src = open_source(model)
         load_full(src.config, src.tensor).save_pretrained(str(hf), safe_serialization=True)
         src.tokenizer().save_pretrained(str(hf))
     pylib = work / "pylib"
@@ -164,62 +196,69 @@ def _mb(n: float | None) -> str:
 
 
 def report(bench: dict, labels: dict[str, str], a: argparse.Namespace, genai: str, sessions: dict[str, int]) -> str:
+    setup = SETUPS[a.model]
     ctxs = bench["ctx"]
     models = bench["models"]
     base = next(m for m in models if m["role"] == "baseline")
     peer = next(m for m in models if m["path"] == labels[BUILDER])
     name = {v: k for k, v in labels.items()}
     mach = bench["machine"]
+    budget = a.budget != "none"
+    model_flag = "" if a.model == "smollm2" else f" --model {a.model}"
     lines = [
-        "## ONNX Runtime (CPU EP): lrdeploy's exports against onnxruntime-genai's builder (SmolLM2-135M)",
+        f"## ONNX Runtime (CPU EP): lrdeploy's exports against onnxruntime-genai's builder ({setup.title})",
         "",
-        f"`python tools/bench_onnx.py --ctx {a.ctx} --runs {a.runs} --threads {a.threads} --ppl-windows "
+        f"`python tools/bench_onnx.py{model_flag} --ctx {a.ctx} --runs {a.runs} --threads {a.threads} --ppl-windows "
         f"{a.ppl_windows} --budget {a.budget}` (one `lrdeploy bench` run over every row; its report and plots are in "
-        f"docs/bench-onnx/). onnxruntime {mach['onnxruntime']}, {a.threads} threads, {mach['cpu']}, "
-        f"{mach['cores']} cores, load average {mach['load_average']:.1f} at the start.",
+        f"{setup.report.relative_to(REPO)}/). onnxruntime {mach['onnxruntime']}, {a.threads} threads, {mach['cpu']}, "
+        f"{mach['cores']} cores, load average {mach['load_average']:.1f} at the end.",
         "",
-        "- Ours: SmolLM2 compressed on the first half of the WikiText-2 validation text with the embedding (= the tied "
+        f"- Ours: {setup.note} on the first half of the WikiText-2 validation text with the embedding (= the tied "
         "head) in q4_0, exported with the default fused graph (GroupQueryAttention with one shared KV buffer per "
         "layer, SkipSimplifiedLayerNormalization, RoPE inside the attention, the embedding as GatherBlockQuantized "
         "and the head as MatMulNBits over the same q4_0 blocks, L and R as q4_0 MatMulNBits). \"exact\" keeps "
         "MatMulNBits' activations in float32 (the export reproduces the artifact's logits); \"int8 activations\" is "
         "`--int8-activations` (accuracy_level 4, as the builder uses).",
-        "- The builder: `python -m onnxruntime_genai.models.builder -i SMOLLM2_HF -o OUT -p int4 -e cpu`, "
-        "symmetric int4 RTN in blocks of 32 with accuracy_level 4, tied embedding through GatherBlockQuantized.",
-        "- The baseline: `lrdeploy export smollm2 --format onnx` (fp32, fused graph).",
+        "- The builder: `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu` on the same "
+        "source weights written as an HF directory: symmetric int4 RTN in blocks of 32 with accuracy_level 4, the tied "
+        "embedding through GatherBlockQuantized.",
+        f"- The baseline: `lrdeploy export {a.model} --format onnx` (fp32, fused graph).",
         f"- ppl: `lrdeploy bench`'s, second half of the same text, {a.ppl_windows} windows of 512 tokens. load MiB: "
         "`lrdeploy bench`'s RSS growth from opening the model (the onnxruntime session and the tokenizer); session "
         "MiB: what the onnxruntime session alone adds to a fresh process (onnxruntime and numpy only); × file: over "
-        "the file bytes. Longest context: the most tokens whose whole-process peak (interpreter, torch and "
-        f"transformers included, as the bench runs) stays in {a.budget}. Speeds are medians of {a.runs} runs; "
-        "× builder compares decode with its row.",
+        "the file bytes." + (" Longest context: the most tokens whose peak (what the model adds to the process, as "
+                             f"the bench counts memory) stays in {a.budget}, found by real runs." if budget else "")
+        + f" Speeds are medians of {a.runs} runs; × builder compares decode with its row.",
         "",
         "| export | file MB | ppl | load MiB | session MiB | × file | " + " | ".join(
-            f"prefill {c} tok/s | decode {c} tok/s | × builder" for c in ctxs) + f" | ctx in {a.budget} |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(ctxs) + "---:|",
+            f"prefill {c} tok/s | decode {c} tok/s | × builder" for c in ctxs)
+        + (f" | ctx in {a.budget} |" if budget else " |"),
+        "|---|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(ctxs) + ("---:|" if budget else ""),
     ]
     for m in models:
         label = "uncompressed fp32 (lrdeploy export)" if m is base else name.get(m["path"], m["label"])
         cells = []
         for i, c in enumerate(m["ctx"]):
             ratio = c["decode_tps"] / peer["ctx"][i]["decode_tps"]
-            cells += [f"{c['prefill_tps']:.0f}", f"{c['decode_tps']:.0f}", f"{ratio:.2f}"]
+            cells += [f"{c['prefill_tps']:.0f}", f"{c['decode_tps']:.1f}", f"{ratio:.2f}"]
         ppl = m.get("ppl", {}).get("ppl") if isinstance(m.get("ppl"), dict) else m.get("ppl")
         max_ctx = (m.get("max_ctx") or {}).get("tokens")
         sess = sessions.get(m["path"])
         sess_cells = "– | –" if sess is None else f"{sess / 2**20:.0f} | {sess / m['bytes']:.2f}"
         lines.append(f"| {label} | {_mb(m['bytes'])} | {'–' if ppl is None else f'{ppl:.2f}'} | "
-                     f"{m['rss_after_load'] / 2**20:.0f} | {sess_cells} | "
-                     + " | ".join(cells) + f" | {'–' if max_ctx is None else f'{max_ctx:,}'} |")
+                     f"{m['rss_after_load'] / 2**20:.0f} | {sess_cells} | " + " | ".join(cells)
+                     + (f" | {'–' if max_ctx is None else f'{max_ctx:,}'} |" if budget else " |"))
     lines += ["", genai + ".", "", *goals(models, base, peer, labels, sessions, a)]
     return "\n".join(lines) + "\n"
 
 
 def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], sessions: dict[str, int],
           a: argparse.Namespace) -> list[str]:
-    """The issue's goals, each met or not with its number, for the rtn q4_0 exports (the ones at the builder's size)."""
+    """The issue's goals, each met or not with its number, for the first two exports (exact and int8 activations,
+    the ones at the builder's size)."""
+    exports = SETUPS[a.model].exports
     by = {m["path"]: m for m in models}
-    exact, int8 = by[labels[EXPORTS[0][0]]], by[labels[EXPORTS[1][0]]]
+    exact, int8 = by[labels[exports[0][0]]], by[labels[exports[1][0]]]
 
     def ppl(m: dict) -> float:
         return m["ppl"]["ppl"] if isinstance(m.get("ppl"), dict) else m["ppl"]
@@ -238,8 +277,8 @@ def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], se
     fp32_ok = all(c["decode_tps"] >= 2 * r["decode_tps"] for c, r in zip(exact["ctx"], base["ctx"], strict=True))
     pre_ok = all(c["prefill_tps"] >= 0.9 * r["prefill_tps"] for c, r in zip(exact["ctx"], peer["ctx"], strict=True))
     sess = sessions[exact["path"]] / exact["bytes"]
-    return [
-        "**The goals** (rtn q4_0, fused; the builder's row is the reference):",
+    out = [
+        f"**The goals** ({exports[0][0].removeprefix('lrdeploy ')}; the builder's row is the reference):",
         f"- size and quality: {mark(exact['bytes'] <= peer['bytes'] and ppl(exact) < ppl(peer))}: "
         f"{exact['bytes'] / 1e6:.1f} MB against {peer['bytes'] / 1e6:.1f} MB, ppl {ppl(exact):.2f} against "
         f"{ppl(peer):.2f} ({100 * (ppl(exact) / ppl(peer) - 1):+.1f}%);",
@@ -251,43 +290,51 @@ def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], se
         f"- memory after load ≤ 1.3× the file: {mark(sess <= 1.3)} for the session alone ({sess:.2f}×; the builder's "
         f"{sessions[peer['path']] / peer['bytes']:.2f}×); with the tokenizer, as `lrdeploy bench` counts it, "
         f"{exact['rss_after_load'] / exact['bytes']:.2f}× "
-        f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×);",
-        f"- longest context in {a.budget} ≥ the builder's: {mark(tokens(exact) >= tokens(peer))} ({tokens(exact):,} "
-        f"against {tokens(peer):,} tokens).",
+        f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×)" + (";" if a.budget != "none" else "."),
     ]
+    if a.budget != "none":
+        out.append(f"- longest context in {a.budget} ≥ the builder's: {mark(tokens(exact) >= tokens(peer))} "
+                   f"({tokens(exact):,} against {tokens(peer):,} tokens; with `--int8-activations` {tokens(int8):,}).")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=list(SETUPS))
     p.add_argument("--work", default=str(cache_root() / "bench_onnx"))
     p.add_argument("--ctx", default="256,1024")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ppl-windows", type=int, default=40)
-    p.add_argument("--budget", default="512MiB")
+    p.add_argument("--ppl-windows", type=int, default=None, help="default: 40 (SmolLM2), 16 (the 1.5B)")
+    p.add_argument("--budget", default=None, help="memory budget for the longest context, or none "
+                                                  "(default: 512MiB for SmolLM2, none for the 1.5B)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/results.md alone")
     p.add_argument("--only-report", action="store_true", help="rewrite the section from the last run's bench.json")
     a = p.parse_args()
-    work = Path(a.work)
+    setup = SETUPS[a.model]
+    a.ppl_windows = a.ppl_windows or setup.ppl_windows
+    a.budget = a.budget or setup.budget
+    work = Path(a.work) / setup.work
     work.mkdir(parents=True, exist_ok=True)
-    arts = {label: artifact(work, label) for label in ARTIFACTS}
-    labels = {label: str(export(work, label, arts[art], flags)) for label, art, flags in EXPORTS}
-    labels[BUILDER] = str(builder(work))
-    genai = genai_check(Path(labels[EXPORTS[0][0]]))
+    arts = {label: artifact(work, a.model, label) for label in setup.artifacts}
+    labels = {label: str(export(work, label, arts[art], flags)) for label, art, flags in setup.exports}
+    labels[BUILDER] = str(builder(work, a.model))
+    genai = genai_check(Path(labels[setup.exports[0][0]]))
     if a.only_report:
         bench = json.loads((work / "bench.json").read_text())
     else:
         print("benchmarking ...", flush=True)
-        bench = run_json(["bench", *labels.values(), "--baseline", "smollm2", "--backend", "onnxruntime", "--ctx",
-                          a.ctx, "--runs", str(a.runs), "--threads", str(a.threads), "--memory-budget", a.budget,
+        budget = [] if a.budget == "none" else ["--memory-budget", a.budget]
+        bench = run_json(["bench", *labels.values(), "--baseline", a.model, "--backend", "onnxruntime", "--ctx",
+                          a.ctx, "--runs", str(a.runs), "--threads", str(a.threads), *budget,
                           "--ppl-text", str(WIKITEXT), "--ppl-range", "0.5:1", "--ppl-windows", str(a.ppl_windows),
-                          "--report", str(REPORT), "--json", "-q"])
+                          "--report", str(setup.report), "--json", "-q"])
         (work / "bench.json").write_text(json.dumps(bench, indent=1))
     sessions = {m["path"]: session_rss(Path(m["path"]), a.threads) for m in bench["models"]}
     text = report(bench, labels, a, genai, sessions)
     print(text)
     if not a.no_write:
-        update_section("onnx", text)
+        update_section(setup.section, text)
 
 
 if __name__ == "__main__":

@@ -202,9 +202,19 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot([x / 1e6 for x in fx], fy, "-", color="C0", alpha=0.6, label="llama-quantize frontier")
     if ours:
         ax.plot([r["bytes"] / 1e6 for r in ours], [r["ppl"] for r in ours], "D", color="C1", label="lrdeploy")
-    for r in lq + ours:
-        ax.annotate(r["short"].removeprefix("llama-quantize ").removeprefix("lrdeploy "), (r["bytes"] / 1e6, r["ppl"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in lq:
+        ax.annotate(r["short"].removeprefix("llama-quantize "), (r["bytes"] / 1e6, r["ppl"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    keys = []  # our points carry numbers; the key beside the plot names them, with each compress's minutes
+    for i, r in enumerate(ours, 1):
+        c = r.get("compress") or {}
+        took = _wall(c) or (c.get("timings") or {}).get("compress_seconds")
+        keys.append(f"{i:>2}  {r['short'].removeprefix('lrdeploy ')}" + (f", {took / 60:.0f} min" if took else ""))
+        ax.annotate(str(i), (r["bytes"] / 1e6, r["ppl"]), fontsize=7, color="C1", xytext=(4, -9 if i % 2 else 3),
+                    textcoords="offset points")
+    if keys:
+        ax.text(0.40, 0.97, "lrdeploy (compress minutes, 2 cores)\n" + "\n".join(keys), transform=ax.transAxes,
+                fontsize=6.5, va="top", family="monospace", color="C1")
     ax.set_yscale("log")
     ax.set_xlabel("file bytes (MB; base + adapter for lrdeploy)")
     ax.set_ylabel(f"perplexity (llama-perplexity -c {CTX})")
