@@ -1094,7 +1094,9 @@ def kernel_notes(manifest: dict | None, vocab: dict[str, str], accuracy_level: i
         v.split(" as ")[0] for v in vocab.values() if " as 8-bit" in v)
     if eight and accuracy_level != 4:
         notes.append(f"{', '.join(dict.fromkeys(eight))} run as 8-bit MatMulNBits, which onnxruntime's CPU kernel "
-                     "dequantizes on every call unless activations are int8 (--int8-activations)")
+                     "dequantizes on every call unless activations are int8 (--int8-activations, lossy): decode can "
+                     "fall below the fp32 export's speed; --int8-activations, or a 4-bit grid (--fallback q4_0, "
+                     "--target onnx) avoids it")
     return notes
 
 

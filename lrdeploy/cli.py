@@ -291,6 +291,8 @@ def export(
         print(json.dumps(summary))
     else:
         out.print(summary.get("message") or json.dumps(summary, indent=1))
+        for note in summary.get("notes") or []:  # what the export costs on onnxruntime's kernels
+            err.print(f"note: {note}", markup=False, highlight=False)
 
 
 @app.command()

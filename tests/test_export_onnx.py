@@ -348,6 +348,14 @@ def test_cli_export_eval_and_refusals(tiny_artifacts, tmp_path, cli, calib_text)
     assert code == 0, err
     said = " ".join(stdout.split())  # the console wraps long lines
     assert "MatMulNBits" in said and "artifact bpw 4.500" in said
+    assert "note:" not in err  # q4_0 runs on the fast 4-bit kernels: nothing to warn about
+    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq")
+    assert code == 0, err8
+    notes = [line for line in err8.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "8-bit MatMulNBits" in notes[0] and "--int8-activations" in " ".join(err8.split())
+    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq8",
+                        "--int8-activations")
+    assert code == 0 and "note:" not in err8, err8
     code, _, err = cli("export", art, "--format", "onnx", "-o", out)
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("export", art, "--format", "onnx", "-o", out, "--force", "--dtype", "bf16")

@@ -62,6 +62,7 @@ class Setup:
     ppl_windows: int
     budget: str  # "none": no context search
     note: str  # what "ours" is, for the report
+    vocab: str  # how our export and the builder's hold the embedding and the head
 
 
 SETUPS = {
@@ -76,13 +77,18 @@ SETUPS = {
          ("lrdeploy caldera q2_k + r32 q4_0, fused", "caldera q2_k + r32 q4_0", []),
          ("lrdeploy caldera q2_k + r32 q4_0, fused, int8 activations", "caldera q2_k + r32 q4_0",
           ["--int8-activations"])],
-        40, "512MiB", "SmolLM2 compressed"),
+        40, "512MiB", "SmolLM2 compressed",
+        "the embedding (= the tied head) in q4_0: GatherBlockQuantized for the lookup and MatMulNBits for the head "
+        "over the same blocks; the builder holds its tied embedding the same way, in int4"),
     "qwen2.5-coder-1.5b": Setup(
         "Qwen2.5-Coder-1.5B", "onnx-qwen15", REPO / "docs" / "bench-onnx-qwen15", "qwen15",
         {"ldlq q4_0": ["--method", "ldlq", "--q-format", "q4_0", "--calib-tokens", "8192"]},
         [("lrdeploy ldlq q4_0, fused", "ldlq q4_0", []),
          ("lrdeploy ldlq q4_0, fused, int8 activations", "ldlq q4_0", ["--int8-activations"])],
-        16, "none", "Qwen2.5-Coder-1.5B compressed by `--method ldlq --q-format q4_0 --calib-tokens 8192`"),
+        16, "none", "Qwen2.5-Coder-1.5B compressed by `--method ldlq --q-format q4_0 --calib-tokens 8192`",
+        "the embedding and the head in q4_0 (the source stores its head apart, so both files do): GatherBlockQuantized "
+        "and MatMulNBits; the builder keeps the embedding as a float32 Gather (933 MB) and the head as int4 "
+        "MatMulNBits"),
 }
 BUILDER = "onnxruntime-genai builder int4"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
@@ -213,15 +219,15 @@ def report(bench: dict, labels: dict[str, str], a: argparse.Namespace, genai: st
         f"{setup.report.relative_to(REPO)}/). onnxruntime {mach['onnxruntime']}, {a.threads} threads, {mach['cpu']}, "
         f"{mach['cores']} cores, load average {mach['load_average']:.1f} at the end.",
         "",
-        f"- Ours: {setup.note} on the first half of the WikiText-2 validation text with the embedding (= the tied "
-        "head) in q4_0, exported with the default fused graph (GroupQueryAttention with one shared KV buffer per "
-        "layer, SkipSimplifiedLayerNormalization, RoPE inside the attention, the embedding as GatherBlockQuantized "
-        "and the head as MatMulNBits over the same q4_0 blocks, L and R as q4_0 MatMulNBits). \"exact\" keeps "
+        f"- Ours: {setup.note} on the first half of the WikiText-2 validation text, exported with the default fused "
+        "graph (GroupQueryAttention with one shared KV buffer per layer, SkipSimplifiedLayerNormalization, RoPE inside "
+        "the attention, L and R as q4_0 MatMulNBits, and `logits_to_keep`, so prefill runs the head for its last "
+        f"position only). Vocabulary: {setup.vocab}. \"exact\" keeps "
         "MatMulNBits' activations in float32 (the export reproduces the artifact's logits); \"int8 activations\" is "
         "`--int8-activations` (accuracy_level 4, as the builder uses).",
         "- The builder: `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu` on the same "
-        "source weights written as an HF directory: symmetric int4 RTN in blocks of 32 with accuracy_level 4, the tied "
-        "embedding through GatherBlockQuantized.",
+        "source weights written as an HF directory: symmetric int4 RTN in blocks of 32 with accuracy_level 4. Its "
+        "graph computes every position's logits in prefill.",
         f"- The baseline: `lrdeploy export {a.model} --format onnx` (fp32, fused graph).",
         f"- ppl: `lrdeploy bench`'s, second half of the same text, {a.ppl_windows} windows of 512 tokens. load MiB: "
         "`lrdeploy bench`'s RSS growth from opening the model (the onnxruntime session and the tokenizer); session "

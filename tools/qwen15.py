@@ -66,6 +66,10 @@ OURS: list[tuple[str, list[str]]] = [
     # the q2 mix around iq3_xxs, not auto's q3: 3.21 bpw, inside the 2.2-3.3 bpw the goal covers (q3: 3.32)
     ("ldlq iq3_xxs", ["--method", "ldlq", "--q-format", "iq3_xxs", "--preset", "q2", "--calib-tokens", "8192"]),
     ("caldera iq2_xxs + r32", ["--q-format", "iq2_xxs", "--calib-tokens", "8192"]),
+    # caldera (rank-32 q4_0 L·R) on the other i-quant grids, each beside its ldlq twin above (about 50 min each)
+    ("caldera iq2_xs + r32", ["--q-format", "iq2_xs", "--calib-tokens", "8192"]),
+    ("caldera iq2_s + r32", ["--q-format", "iq2_s", "--calib-tokens", "8192"]),
+    ("caldera iq3_xxs + r32", ["--q-format", "iq3_xxs", "--preset", "q2", "--calib-tokens", "8192"]),
     # what a user gets for iq3_xxs with no other option: the q3 mix (q3_k embedding) and 16,384 calibration tokens
     ("ldlq iq3_xxs, defaults", ["--method", "ldlq", "--q-format", "iq3_xxs"]),
     # a randomized Hadamard folded into the residual stream (--rotate): the same options as the unrotated points
