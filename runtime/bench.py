@@ -145,23 +145,6 @@ def model_files(m: BenchModel) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- the pure parts
 
 
-def analytic_max_ctx(budget: float, fixed: float, per_token: float, limit: int | None) -> int:
-    """Tokens that fit BUDGET: (budget − fixed) / per_token, capped at the model's trained context LIMIT."""
-    n = math.floor((budget - fixed) / per_token) if per_token > 0 else limit or 0
-    return max(0, min(n, limit) if limit else n)
-
-
-def search_max_ctx(fits: Callable[[int], bool], lo: int, hi: int) -> int:
-    """Largest n in [lo, hi] with fits(n), given fits is monotone and fits(lo); bisection over real runs."""
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 Runs = list[tuple[int, float | None]]
 
 
