@@ -7,7 +7,8 @@ What it does, each step cached in --work (the lrdeploy cache's bench_onnx, one f
 so a rerun only measures:
 
 1. compresses the model with the calibration of the peers section (first half of the WikiText-2 validation text),
-   with the embedding (= the tied head) in q4_0 so the files come out at the builder's size. SmolLM2:
+   with the embedding and the head in q4_0 (one tensor where the model ties them) so the files come out at the
+   builder's size. SmolLM2:
    `--method rtn --q-format q4_0` and `--method caldera --q-format q2_k --rank 32 --lr-format q4_0 --fallback q4_0`
    (SmolLM2's 576-wide linears hold no q2_k super-block; their fallback is q4_0, which ONNX runs at 4 bits).
    Qwen2.5-Coder-1.5B: `--method ldlq --q-format q4_0 --calib-tokens 8192` (a 2-bit backbone costs 4-bit bytes or
@@ -115,7 +116,7 @@ def export(work: Path, label: str, art: Path, flags: list[str]) -> Path:
     return out
 
 
-def builder(work: Path, model: str = "smollm2") -> Path:
+def builder(work: Path, model: str) -> Path:
     """The builder's int4 CPU export of MODEL, from an HF directory of the source's (decoded, float32) weights."""
     out = work / "onnx" / slug(BUILDER)
     if (out / "genai_config.json").is_file():
