@@ -297,7 +297,12 @@ def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], se
         f"- memory after load ≤ 1.3× the file: {mark(sess <= 1.3)} for the session alone ({sess:.2f}×; the builder's "
         f"{sessions[peer['path']] / peer['bytes']:.2f}×); with the tokenizer, as `lrdeploy bench` counts it, "
         f"{exact['rss_after_load'] / exact['bytes']:.2f}× "
-        f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×)" + (";" if a.budget != "none" else "."),
+        f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×); with `--int8-activations` the session "
+        f"holds {sessions[int8['path']] / int8['bytes']:.2f}×, partly because on x86 onnxruntime's int8 kernel "
+        "packs each MatMulNBits' codes with their float32 block scales and block sums (24 bytes per 32 weights, the "
+        "file's 20), "
+        "and keeps the scales initializer too (its PrePack copies the scales but reports them unpacked)"
+        + (";" if a.budget != "none" else "."),
     ]
     if a.budget != "none":
         out.append(f"- longest context in {a.budget} ≥ the builder's: {mark(tokens(exact) >= tokens(peer))} "

@@ -1,5 +1,6 @@
 """Side by side with the tools users would pick instead (issue 7): llama-quantize + imatrix, ONNX Runtime's
-MatMulNBitsQuantizer, and lrdeploy's own GGUF and ONNX exports, all on SmolLM2-135M, one text, one run.
+MatMulNBitsQuantizer, onnxruntime-genai's model builder, and lrdeploy's own GGUF and ONNX exports, all on
+SmolLM2-135M, one text, one run.
 
     .venv/bin/python tools/peers.py                   # builds, quantizes, measures what is missing; writes the section
     .venv/bin/python tools/peers.py --only-report     # rewrite the section and plot from what is cached
@@ -14,8 +15,9 @@ What it does, each step cached under .cache/peers/ so a rerun skips finished wor
 4. scores every GGUF with llama-perplexity (second half of the text, -c 512, fixed --chunks; `--lora` for ours) and
    times it with llama-bench (pp512, tg128); llama-bench takes no LoRA, so the adapter's cost is measured apart with
    llama-cpp-python (decode with and without the adapter, same base);
-5. quantizes an fp32 ONNX export with onnxruntime's MatMulNBitsQuantizer (DEFAULT/RTN, HQQ, INC RTN, GPTQ) and
-   scores those and our own ONNX exports with `lrdeploy eval --backend onnxruntime`;
+5. quantizes an fp32 ONNX export with onnxruntime's MatMulNBitsQuantizer (DEFAULT/RTN, HQQ, INC RTN, GPTQ), runs
+   onnxruntime-genai's builder (`-p int4 -e cpu`, what ONNX users deploy today) on SmolLM2 written as an HF
+   directory, and scores those and our own ONNX exports with `lrdeploy eval --backend onnxruntime`;
 6. writes the "peers" section of docs/results.md and docs/peers-ppl-bytes.png.
 
 Heavy commands run under `nice -n 19`: the machine is shared, so every speed number carries the load average.
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_onnx import BUILDER, builder  # noqa: E402
 from report_sections import WIKITEXT, update_section  # noqa: E402
 from report_sections import run_json as shared_run_json  # noqa: E402
 
@@ -517,7 +520,9 @@ def onnx_info(folder: Path, vocab: int) -> dict:
             if not node.input[1].endswith(EXTRA_WEIGHTS):  # L, R and q2_k offsets add bytes, not weights
                 params += int(np.prod(dims))
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
-    return {"bytes": size, "bpw": 8 * stored / params if params else None}
+    meta = folder / ONNX_META  # lrdeploy's exports say how they hold the embedding
+    embed = json.loads(meta.read_text()).get("vocab", {}).get("embed") if meta.is_file() else None
+    return {"bytes": size, "bpw": 8 * stored / params if params else None, "embed": embed}
 
 
 def onnx_eval(folder: Path, windows: int) -> dict:
@@ -548,7 +553,7 @@ def interp_ppl(curve: list[tuple[int, float]], nbytes: int) -> float | None:
     return None
 
 
-COLORS = {"llama-quantize": "C0", "onnxruntime": "C2", "lrdeploy": "C1"}
+COLORS = {"llama-quantize": "C0", "onnxruntime": "C2", "onnxruntime-genai": "C3", "lrdeploy": "C1"}
 
 
 def plot(gguf_rows: list[dict], onnx_rows: list[dict], path: Path) -> None:
@@ -559,7 +564,7 @@ def plot(gguf_rows: list[dict], onnx_rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = ((axes[0], gguf_rows, "llama.cpp GGUF: llama-perplexity (c 512, second half of each chunk)", "lower left"),
-              (axes[1], onnx_rows, "ONNX: lrdeploy eval (ctx 512, every token)", "center right"))
+              (axes[1], onnx_rows, "ONNX: lrdeploy eval (ctx 512, every token)", "lower center"))
     for ax, rows, title, legend_at in panels:
         scored = [r for r in rows if r.get("ppl") is not None]
         refs = [r for r in scored if r["group"] == "reference"]
@@ -633,14 +638,53 @@ def _load_note(rows: list[dict]) -> str:
             "between rows, not absolute numbers.")
 
 
+def margins_note(ours: list[dict], quant: list[dict], curve: list[tuple[int, float]]) -> str:
+    """Which of our points sit further from llama-quantize's curve than one llama-perplexity standard error."""
+    wide = []
+    for r in ours:
+        at = interp_ppl(curve, r["bytes"])
+        near = min(quant, key=lambda q: abs(q["bytes"] - r["bytes"]))
+        err = max(r.get("ppl_err") or 0.0, near.get("ppl_err") or 0.0)
+        if at is not None and err and abs(r["ppl"] - at) > err:
+            wide.append(f"{r['short']} ({r['ppl'] - at:+.2f}, one standard error {err:.2f})")
+    if not wide:
+        return "Each margin to the curve is inside one standard error of either estimate."
+    return ("Margins to the curve beyond one standard error (the larger of ours and the nearest llama-quantize "
+            f"file's): {', '.join(wide)}; the others are inside it.")
+
+
+def builder_lines(onnx_rows: list[dict]) -> list[str]:
+    """Our ONNX files against the builder's, by size and perplexity (its speed is in the "ONNX Runtime" section)."""
+    peer = next((r for r in onnx_rows if r["group"] == "onnxruntime-genai" and r.get("ppl") is not None), None)
+    ours = [r for r in onnx_rows if r["group"] == "lrdeploy" and r.get("ppl") is not None]
+    if peer is None or not ours:
+        return []
+    both = [r["short"] for r in ours if r["bytes"] <= peer["bytes"] and r["ppl"] < peer["ppl"]]
+    lower = [r for r in ours if r["ppl"] < peer["ppl"]]
+    smaller = [r for r in ours if r["bytes"] <= peer["bytes"]]
+    embeds = sorted({r["embed"] for r in ours if r.get("embed")})
+    lines = [f"onnxruntime-genai's builder (`-p int4 -e cpu`): {peer['bytes'] / 1e6:.1f} MB, ppl {peer['ppl']:.2f}; "
+             "it holds the tied embedding in int4 (GatherBlockQuantized and MatMulNBits over the same blocks) and "
+             "runs every MatMulNBits with int8 activations (accuracy_level 4). "
+             + (f"Smaller and lower in perplexity: {', '.join(both)}. " if both else
+                f"None of ours is both smaller and lower in perplexity: of {len(ours)}, {len(lower)} are lower and "
+                f"{len(smaller)} no larger (ours run from {min(r['bytes'] for r in ours) / 1e6:.1f} MB). ")
+             + "Ours are `lrdeploy export --format onnx` of the GGUF-target artifacts above, as they stand"
+             + (f" (embedding: {embeds[0]})" if len(embeds) == 1 else "")
+             + "; the \"ONNX Runtime\" section compresses the embedding to q4_0 for the builder's size and times "
+             "both side by side.", ""]
+    return lines
+
+
 def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, env: dict) -> str:
-    order = {"reference": 0, "llama-quantize": 1, "onnxruntime": 1, "lrdeploy": 2}
+    order = {"reference": 0, "llama-quantize": 1, "onnxruntime": 1, "onnxruntime-genai": 1, "lrdeploy": 2}
     gguf_rows = sorted(gguf_rows, key=lambda r: (order.get(r["group"], 3), -r["bytes"]))
     onnx_rows = sorted(onnx_rows, key=lambda r: (order.get(r["group"], 3), -r["bytes"]))
     quant = [r for r in gguf_rows if r["group"] == "llama-quantize" and r.get("ppl") is not None]
     curve = [(r["bytes"], r["ppl"]) for r in quant]
     lines = [
-        "## vs peers: llama-quantize + imatrix and onnxruntime's MatMulNBitsQuantizer (SmolLM2-135M)",
+        "## vs peers: llama-quantize + imatrix, onnxruntime's MatMulNBitsQuantizer, onnxruntime-genai's builder "
+        "(SmolLM2-135M)",
         "",
         f"Regenerate with `.venv/bin/python tools/peers.py --chunks {a.chunks} --windows {a.windows} "
         f"--threads {a.threads}` (every step cached in .cache/peers/; `--only-report` rewrites this from the cache).",
@@ -739,9 +783,10 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         lines += [
             "No GGUF of SmolLM2 reaches 2–3.5 bpw over its linears, ours or llama-quantize's: 180 of its 210 "
             "linears are 576 wide, hold no 256-weight super-block, and fall back to 32-weight blocks of at least "
-            "4.5 bpw (q4_0, iq4_nl). So the comparison is made where the files are, at about 4–4.5 bpw. Each margin "
-            "is inside one standard error of either estimate; the files are scored on the same chunks, so the "
-            "margins are paired, but they are not tested for significance here.",
+            "4.5 bpw (q4_0, iq4_nl). So the comparison is made where the files are, at about 4–4.5 bpw. "
+            + margins_note(ours, quant, curve)
+            + " The files are scored on the same chunks, so the margins are paired, but they are not tested for "
+            "significance here.",
             "",
         ]
     if above:
@@ -766,12 +811,15 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
             "blocks that do not use both extreme codes. At 2 bits both of onnxruntime's quantizers collapse. "
             "Our exports carry a 2-bit backbone as 4-bit MatMulNBits codes plus an offset "
             "correction (the split form keeps onnxruntime's prepacked kernels), so in ONNX a q2_k backbone costs "
-            "4-bit bytes: our files are no smaller than onnxruntime's 4-bit ones. True 2-bit packing does not pay: "
+            "4-bit bytes, and the iq4_nl fallback of SmolLM2's 576-wide linears is stored as exact 8-bit codes: "
+            "those rows' linears cost about twice their GGUF bpw. Our files are still smaller than onnxruntime's "
+            "4-bit ones because they hold the embedding quantized, where onnxruntime's quantizer leaves it float32. "
+            "True 2-bit packing does not pay: "
             "onnxruntime's CPU MatMulNBits runs 2-bit weights fast only for blocks of 32 or more with int8 "
-            "activations (section \"MatMulNBits\"). The \"ONNX Runtime\" section measures lrdeploy's exports "
-            "against onnxruntime-genai's builder.",
+            "activations (section \"MatMulNBits\").",
             "",
         ]
+        lines += builder_lines(onnx_rows)
     lora_rows = [r for r in ours if r.get("lora_cost")]
     if lora_rows:
         from lrdeploy.runtime.llamacpp import amx_in_build
@@ -922,6 +970,14 @@ def main() -> None:
                 continue
         onnx_point(label, f"MatMulNBitsQuantizer {algo} bits={bits} block {ORT_BLOCK}", "onnxruntime", folder,
                    slug(label))
+    genai = WORK / "onnx" / slug(BUILDER)
+    if live("onnx"):
+        try:
+            genai = builder(WORK, "smollm2")
+        except SystemExit as e:  # the builder failing must not lose the other rows
+            log(f"{BUILDER}: {e}")
+    onnx_point(BUILDER, "onnxruntime_genai.models.builder -p int4 -e cpu", "onnxruntime-genai", genai,
+               "genai-builder-int4")
     for label, art in arts.items():
         folder = our_onnx(label, art) if live("onnx") else WORK / "onnx" / slug(label)
         onnx_point(f"lrdeploy {label}", "lrdeploy export --format onnx", "lrdeploy", folder, slug(label))
