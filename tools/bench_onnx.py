@@ -300,8 +300,7 @@ def goals(models: list[dict], base: dict, peer: dict, labels: dict[str, str], se
         f"(the builder's {peer['rss_after_load'] / peer['bytes']:.2f}×); with `--int8-activations` the session "
         f"holds {sessions[int8['path']] / int8['bytes']:.2f}×, partly because on x86 onnxruntime's int8 kernel "
         "packs each MatMulNBits' codes with their float32 block scales and block sums (24 bytes per 32 weights, the "
-        "file's 20), "
-        "and keeps the scales initializer too (its PrePack copies the scales but reports them unpacked)"
+        "file's 20), and keeps the scales initializer too (its PrePack copies the scales but reports them unpacked)"
         + (";" if a.budget != "none" else "."),
     ]
     if a.budget != "none":

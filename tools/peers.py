@@ -638,15 +638,8 @@ def _load_note(rows: list[dict]) -> str:
             "between rows, not absolute numbers.")
 
 
-def margins_note(ours: list[dict], quant: list[dict], curve: list[tuple[int, float]]) -> str:
-    """Which of our points sit further from llama-quantize's curve than one llama-perplexity standard error."""
-    wide = []
-    for r in ours:
-        at = interp_ppl(curve, r["bytes"])
-        near = min(quant, key=lambda q: abs(q["bytes"] - r["bytes"]))
-        err = max(r.get("ppl_err") or 0.0, near.get("ppl_err") or 0.0)
-        if at is not None and err and abs(r["ppl"] - at) > err:
-            wide.append(f"{r['short']} ({r['ppl'] - at:+.2f}, one standard error {err:.2f})")
+def margins_note(wide: list[str]) -> str:
+    """WIDE: our points further from llama-quantize's curve than one llama-perplexity standard error."""
     if not wide:
         return "Each margin to the curve is inside one standard error of either estimate."
     return ("Margins to the curve beyond one standard error (the larger of ours and the nearest llama-quantize "
@@ -754,6 +747,7 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
 
     ours = [r for r in gguf_rows if r["group"] == "lrdeploy" and r.get("ppl") is not None]
     above: list[str] = []
+    wide: list[str] = []  # margins to the curve beyond one standard error
     if ours and quant:
         lines += ["**Where our GGUF points sit against llama-quantize's curve** (its frontier: the lowest perplexity "
                   "llama-quantize reaches at each size, log-linear between presets; same protocol, same text):", ""]
@@ -762,6 +756,9 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
             at = interp_ppl(curve, r["bytes"])
             if at is not None and r["ppl"] >= at:
                 above.append(r["short"])
+            err = max(r.get("ppl_err") or 0.0, near.get("ppl_err") or 0.0)
+            if at is not None and err and abs(r["ppl"] - at) > err:
+                wide.append(f"{r['short']} ({r['ppl'] - at:+.2f}, one standard error {err:.2f})")
             where = ("outside llama-quantize's size range" if at is None else
                      f"{'below' if r['ppl'] < at else 'above'} the curve (llama-quantize at this size ≈ {at:.2f})")
             beaten = [q["short"] for q in quant if q["bytes"] <= r["bytes"] and q["ppl"] <= r["ppl"]]
@@ -784,7 +781,7 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
             "No GGUF of SmolLM2 reaches 2–3.5 bpw over its linears, ours or llama-quantize's: 180 of its 210 "
             "linears are 576 wide, hold no 256-weight super-block, and fall back to 32-weight blocks of at least "
             "4.5 bpw (q4_0, iq4_nl). So the comparison is made where the files are, at about 4–4.5 bpw. "
-            + margins_note(ours, quant, curve)
+            + margins_note(wide)
             + " The files are scored on the same chunks, so the margins are paired, but they are not tested for "
             "significance here.",
             "",
