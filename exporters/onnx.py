@@ -51,10 +51,57 @@ OPSET = 17
 IR_VERSION = 8  # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13
 MS_DOMAIN = "com.microsoft"
 META_FORMAT = "lrdeploy-onnx"
-META_VERSION = 3  # 2: the fused graph, quantized embedding/head and L·R, weights in model.onnx.data; 3: logits_to_keep
+META_VERSION = 4  # 2: the fused graph, quantized embedding/head and L·R, weights in model.onnx.data; 3: logits_to_keep;
+# 4: built for an execution provider (ep, exact, built_for; the CPU default has int8 activations)
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ZERO_POINTS = ("auto", "uint8", "float")
 GRAPHS = ("auto", "fused", "plain")
+EPS = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EpSettings:
+    """What an export is built for: the execution provider, the float type of what stays uncompressed, and
+    MatMulNBits' accuracy_level (0: float activations, the artifact's logits exactly; 4: int8 activations)."""
+
+    ep: str
+    dtype: str
+    accuracy_level: int
+    exact: bool
+
+    def note(self) -> str:
+        """The sentence the export's notes and `lrdeploy inspect` give."""
+        if self.ep == "cuda":
+            how = (f"{self.dtype} graph (onnxruntime's CUDA GroupQueryAttention runs fp16 only)" if self.dtype == "fp16"
+                   else f"{self.dtype} graph: the CUDA EP has no {self.dtype} GroupQueryAttention, so a fused graph "
+                        "runs its attention on the CPU EP")
+            return f"built for the CUDA EP (--ep cuda): {how}, float activations (accuracy_level 0)"
+        if self.exact:
+            return (f"built exact (--exact): {self.dtype} graph with float activations (accuracy_level 0), so it "
+                    "reproduces the artifact's logits; the default CPU export (int8 activations) decodes faster")
+        return (f"built for the CPU EP (--ep cpu): {self.dtype} graph, MatMulNBits quantizes its activations to int8 "
+                "(accuracy_level 4, onnxruntime-genai's builder's CPU setting): faster decode, no longer bit-exact "
+                "(--exact keeps float activations)")
+
+
+def ep_settings(ep: str = "auto", exact: bool = False, dtype: str | None = None) -> EpSettings:
+    """The settings of an export for EP. cpu: fp32 with int8 activations, the fastest CPU setting whose perplexity
+    stays within noise of the exact export (docs/results.md, "ONNX Runtime"); cuda: fp16, which the CUDA EP's
+    GroupQueryAttention needs, with float activations; auto: cuda where torch sees a CUDA GPU, else cpu. EXACT: fp32
+    with float activations (the tests' setting: the export reproduces the artifact's logits). DTYPE overrides the
+    float type."""
+    if ep not in EPS:
+        raise LrdError(f"unknown execution provider '{ep}'; choose one of {', '.join(EPS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LrdError(f"unknown ONNX dtype '{dtype}'; choose fp32 or fp16")
+    if ep == "auto":
+        ep = "cpu" if exact or not torch.cuda.is_available() else "cuda"
+    if ep == "cuda":
+        if exact:
+            raise LrdError("--exact builds the float32 CPU graph; drop --ep cuda (the CUDA EP's GroupQueryAttention "
+                           "runs fp16 only), or drop --exact")
+        return EpSettings("cuda", dtype or "fp16", 0, False)
+    return EpSettings("cpu", dtype or "fp32", 0 if exact else 4, exact)
 # ggml format -> (MatMulNBits bits, code shift added to ggml's code, affine); q2_k is 2 bits only with float zps
 NBITS_FORMATS: dict[str, tuple[int, int, bool]] = {
     "q2_k": (4, 8, True),
@@ -965,9 +1012,10 @@ def _open_weights(source: str, zero_points: str) -> tuple[object, Weights, objec
     return src.config, Weights(src.tensor, src.has, None, None, zero_points), src.tokenizer(), None
 
 
-def genai_config(s: DecoderShape, config, tokenizer, fused: bool = False) -> dict:
+def genai_config(s: DecoderShape, config, tokenizer, fused: bool = False, ep: str = "cpu") -> dict:
     """onnxruntime-genai's genai_config.json for this graph. The fused graph shares one past/present buffer per layer
-    and takes no position_ids; the plain graph's cache grows by a Concat per step."""
+    and takes no position_ids; the plain graph's cache grows by a Concat per step. A file built for the CUDA EP asks
+    onnxruntime-genai for it, as the builder's `-e cuda` does."""
     eos = getattr(config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -982,7 +1030,8 @@ def genai_config(s: DecoderShape, config, tokenizer, fused: bool = False) -> dic
             "bos_token_id": bos,
             "context_length": s.context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai",
+                                    "provider_options": [{"cuda": {}}] if ep == "cuda" else []},
                 "filename": MODEL_FILE,
                 "head_size": s.head_dim,
                 "hidden_size": s.hidden,
@@ -1081,9 +1130,11 @@ def graph_problem(path: Path) -> str | None:
     return None
 
 
-def kernel_notes(manifest: dict | None, vocab: dict[str, str], accuracy_level: int) -> list[str]:
+def kernel_notes(manifest: dict | None, vocab: dict[str, str], settings: EpSettings) -> list[str]:
     """What the export's MatMulNBits forms cost on onnxruntime's CPU kernels (tools/bench_nbits.py measured them):
-    said in the export's JSON and by `lrdeploy inspect`."""
+    said in the export's JSON and by `lrdeploy inspect`. None for a file built for the CUDA EP."""
+    if settings.ep != "cpu":
+        return []
     formats = {e["q_format"] for e in (manifest or {}).get("linears", {}).values()}
     notes = []
     if "q2_k" in formats:
@@ -1092,38 +1143,38 @@ def kernel_notes(manifest: dict | None, vocab: dict[str, str], accuracy_level: i
                      "16-weight sub-blocks at 2 bits would be dequantized on every call")
     eight = sorted(f for f in formats if f == "q8_0" or f.startswith("iq")) + sorted(
         v.split(" as ")[0] for v in vocab.values() if " as 8-bit" in v)
-    if eight and accuracy_level != 4:
+    if eight and settings.accuracy_level != 4:
         notes.append(f"{', '.join(dict.fromkeys(eight))} run as 8-bit MatMulNBits, which onnxruntime's CPU kernel "
-                     "dequantizes on every call unless activations are int8 (--int8-activations, lossy): decode can "
-                     "fall below the fp32 export's speed; --int8-activations, or a 4-bit grid (--fallback q4_0, "
-                     "--target onnx) avoids it")
+                     "dequantizes on every call unless activations are int8 (the default CPU export; --exact keeps "
+                     "them float): decode can fall below the fp32 export's speed; the default export without "
+                     "--exact, or a 4-bit grid (--fallback q4_0, --target onnx) avoids it")
     return notes
 
 
-def export_onnx(source: str, out_dir: Path, *, dtype: str = "fp32", force: bool = False,
-                zero_points: str = "auto", fuse: bool = True, accuracy_level: int = 0, graph: str = "auto") -> dict:
+def export_onnx(source: str, out_dir: Path, *, ep: str = "auto", exact: bool = False, dtype: str | None = None,
+                force: bool = False, zero_points: str = "auto", fuse: bool = True, graph: str = "auto") -> dict:
     """Export an artifact (split Q + L·R linears) or a model source (dense baseline) to OUT_DIR/model.onnx.
 
     graph: "fused" (onnxruntime's GroupQueryAttention and fused RMSNorms, exporters/onnx_fused.py), "plain"
     (standard ONNX ops around MatMulNBits), or "auto": fused where the model fits it, else plain.
+    ep, exact, dtype: what the file is built for (ep_settings): by default the CPU EP's fastest setting (int8
+    activations, not bit-exact); exact=True reproduces the artifact's logits.
     zero_points: see nbits_from_ggml (benchmarks compare "auto" with "float"); fuse: q/k/v and gate/up as one
-    wider linear each (same numbers, fewer nodes); accuracy_level: MatMulNBits' attribute, 0 (float activations,
-    exact) by default; 4 lets onnxruntime's CPU kernel quantize activations to int8 (faster, no longer exact).
+    wider linear each (same numbers, fewer nodes).
     """
     t0 = time.perf_counter()
-    if dtype not in DTYPES:
-        raise LrdError(f"unknown ONNX dtype '{dtype}'; choose fp32 or fp16")
+    settings = ep_settings(ep, exact, dtype)
     if zero_points not in ZERO_POINTS:
         raise LrdError(f"unknown zero_points '{zero_points}'; choose one of {', '.join(ZERO_POINTS)}")
     if graph not in GRAPHS:
         raise LrdError(f"unknown ONNX graph '{graph}'; choose one of {', '.join(GRAPHS)}")
     out = Path(out_dir)
     with output_lock(out):  # before OUT and OUT.partial are looked at: a second export must not touch them
-        return _export(source, out, dtype, force, zero_points, fuse, accuracy_level, graph, t0)
+        return _export(source, out, settings, force, zero_points, fuse, graph, t0)
 
 
-def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, fuse: bool, accuracy_level: int,
-            graph: str, t0: float) -> dict:
+def _export(source: str, out: Path, settings: EpSettings, force: bool, zero_points: str, fuse: bool, graph: str,
+            t0: float) -> dict:
     from lrdeploy.exporters.onnx_fused import build_fused_decoder, fused_problem
 
     if out.exists() and not force:
@@ -1135,7 +1186,8 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
         raise LrdError(f"the fused ONNX graph does not fit {shape.arch}: {problem}; export with --graph plain")
     fused = graph != "plain" and problem is None
     with staged_output(out, force) as tmp:
-        g = Graph(tmp / DATA_FILE, DTYPES[dtype], accuracy_level)
+        dtype = settings.dtype
+        g = Graph(tmp / DATA_FILE, DTYPES[dtype], settings.accuracy_level)
         try:
             model, vocab = (build_fused_decoder if fused else build_decoder)(g, shape, weights, fuse)
         finally:
@@ -1143,10 +1195,10 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
         _save(model, g, tmp)
         tokenizer.save_pretrained(str(tmp))
         config.save_pretrained(str(tmp))
-        genai = genai_config(shape, config, tokenizer, fused)
+        genai = genai_config(shape, config, tokenizer, fused, settings.ep)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         counts = weights.counts
-        notes = kernel_notes(manifest, vocab, accuracy_level)
+        notes = kernel_notes(manifest, vocab, settings)
         bpw = None if manifest is None else manifest["summary"]["bpw"]
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {
@@ -1155,6 +1207,9 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
             "source": str(source),
             "kind": "uncompressed" if manifest is None else "artifact",
             "method": None if manifest is None else manifest.get("method"),
+            "ep": settings.ep,
+            "exact": settings.exact,
+            "built_for": settings.note(),
             "dtype": dtype,
             "zero_points": zero_points,
             "fused": fuse,
@@ -1163,7 +1218,7 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
             "kv_cache": "shared buffer" if fused else "grows by concatenation",
             "vocab": vocab,
             "notes": notes,
-            "accuracy_level": accuracy_level,
+            "accuracy_level": settings.accuracy_level,
             "bpw": bpw,
             "opset": OPSET,
             "ir_version": IR_VERSION,
@@ -1178,9 +1233,12 @@ def _export(source: str, out: Path, dtype: str, force: bool, zero_points: str, f
             f"{bpw:.3f} (`lrdeploy inspect` gives the file's)"
             if manifest is not None else f"{counts['dense']} dense MatMuls (uncompressed baseline)")
     how = f"{meta['graph']} graph" + (f" ({meta['plain_because']})" if meta["plain_because"] else "")
-    message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {shape.layers} layers, {how}): "
+    built = "exact" if settings.exact else f"for the {settings.ep.upper()} EP" + (
+        ", int8 activations" if settings.accuracy_level == 4 else "")
+    message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {built}, {shape.layers} "
+               f"layers, {how}): "
                f"{what}; embedding {vocab['embed']}, head {vocab['head']}; in {seconds:.1f} s")
-    keys = ("kind", "dtype", "zero_points", "bpw", "graph", "plain_because", "kv_cache", "vocab", "notes")
+    keys = ("kind", "ep", "exact", "accuracy_level", "built_for", "dtype", "zero_points", "bpw", "graph", "plain_because", "kv_cache", "vocab", "notes")
     return {"output": str(out), "format": "onnx", **{k: meta[k] for k in keys},
             "linears": counts, "model_bytes": meta["model_bytes"], "seconds": round(seconds, 2), "message": message}
 

@@ -134,20 +134,32 @@ def compress(
                              progress=lambda d: bar.update(task, advance=1, description=d))
         except KeyboardInterrupt:
             bar.stop()
-            err.print(f"interrupted; finished layers are kept. Resume with: {_resume_command()}", soft_wrap=True)
+            err.print(f"interrupted; {_kept(output, failed=False)}", soft_wrap=True)
             raise typer.Exit(130) from None
         except OSError as e:  # a full disk or a failed write: the driver tidied OUTPUT.partial under its lock
-            from lrdeploy.compressor.rundir import finished_layers
-
             bar.stop()
-            done = finished_layers(output)
-            raise LrdError(f"{_os_error(e)}; {done} finished layers are kept in {output}.partial; fix the problem, "
-                           f"then resume with: {_resume_command()}") from None
+            raise LrdError(f"{_os_error(e)}; {_kept(output)}") from None
     summary = result.manifest["summary"]
     if as_json:
         print(json.dumps({"output": str(output), **summary, "timings": result.manifest["timings"]}))
         return
     _print_summary(result.manifest)
+
+
+def _kept(output: Path, failed: bool = True) -> str:
+    """What a stopped compress leaves, checked on disk: the finished layers and how to resume them, or that there is
+    nothing to resume. FAILED: an error (not an interruption) stopped it, and must be fixed first."""
+    from lrdeploy.compressor.rundir import finished_layers
+    from lrdeploy.io import partial_dir
+
+    done, tmp = finished_layers(output), partial_dir(output)
+    fix = "fix the problem, then " if failed else ""
+    if done:
+        return f"{done} finished layers are kept in {tmp}; {fix}resume with: {_resume_command()}"
+    if tmp.is_dir():
+        return (f"no layer had finished; {tmp} holds the run's set-up only: {fix}resume with: {_resume_command()} "
+                "(or pass --force to start over)")
+    return f"no layer had finished and nothing was written; {fix}run the command again"
 
 
 def _resume_command() -> str:
@@ -261,13 +273,18 @@ def export(
     fmt: str = typer.Option(..., "--format", help="gguf | onnx."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory to write."),
     dtype: str | None = typer.Option(None, help="Float type of the uncompressed tensors: gguf f32|f16 "
-                                        "(default f16); onnx fp32|fp16 (default fp32)."),
+                                        "(default f16); onnx fp32|fp16 (default: what --ep picks)."),
     merge: bool = typer.Option(False, "--merge", help="gguf: one file with Q + L·R requantized (no LoRA)."),
     graph: str = typer.Option("auto", "--graph", help="onnx: fused (onnxruntime's GroupQueryAttention and fused "
                               "RMSNorms, shared KV buffer) | plain (standard ops, growing cache) | auto (fused where "
                               "the model fits it)."),
-    int8_activations: bool = typer.Option(False, "--int8-activations", help="onnx: let MatMulNBits quantize its "
-                                          "inputs to int8 (accuracy_level 4: faster on CPU, no longer exact)."),
+    ep: str | None = typer.Option(None, "--ep", help="onnx: the execution provider the file is built for, as "
+                                  "onnxruntime-genai's builder's -e: cpu (fp32, int8 activations: MatMulNBits' "
+                                  "accuracy_level 4, fastest on CPU, not bit-exact) | cuda (fp16, which the CUDA EP's "
+                                  "GroupQueryAttention needs) | auto (default: cuda where a CUDA GPU is present, else "
+                                  "cpu)."),
+    exact: bool = typer.Option(False, "--exact", help="onnx: fp32 with float activations (accuracy_level 0): the "
+                               "export reproduces the artifact's logits; slower decode on CPU."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT."),
     as_json: bool = typer.Option(False, "--json", help="Print the export summary as JSON."),
 ) -> None:
@@ -275,16 +292,15 @@ def export(
     if fmt == "gguf":
         from lrdeploy.exporters.gguf import export_gguf
 
-        if graph != "auto" or int8_activations:
-            raise LrdError("--graph and --int8-activations apply to --format onnx only")
+        if graph != "auto" or ep is not None or exact:
+            raise LrdError("--graph, --ep and --exact apply to --format onnx only")
         summary = export_gguf(source, output, dtype=dtype or "f16", merge=merge, force=force)
     elif fmt == "onnx":
         from lrdeploy.exporters.onnx import export_onnx
 
         if merge:
             raise LrdError("--merge applies to --format gguf only")
-        summary = export_onnx(source, output, dtype=dtype or "fp32", force=force, graph=graph,
-                              accuracy_level=4 if int8_activations else 0)
+        summary = export_onnx(source, output, ep=ep or "auto", exact=exact, dtype=dtype, force=force, graph=graph)
     else:
         raise LrdError(f"unknown export format '{fmt}'; choose gguf or onnx")
     if as_json:

@@ -108,7 +108,7 @@ def baseline_for(source: str, backend: str, cache: Path) -> BenchModel:
         out = cache / f"{key}-onnx-fp32"
         meta = out / "lrdeploy_onnx.json"
         if not meta.is_file() or json.loads(meta.read_text()).get("version") != META_VERSION:  # this exporter's graph
-            export_onnx(source, out, dtype="fp32", force=True)
+            export_onnx(source, out, exact=True, force=True)
     return BenchModel(f"uncompressed ({backend})", str(out), backend, "baseline")
 
 
@@ -388,7 +388,8 @@ def worker(spec: dict) -> dict:
 
         ids = tokenize(runner.tokenizer, load_text(spec["text"], spec.get("text_range")))
         windows = eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])
-        out["ppl"] = perplexity(runner.logits, windows).ppl
+        res = perplexity(runner.logits, windows)
+        out["ppl"], out["window_nll"] = res.ppl, list(res.window_nll)
         return out
     gen = spec["gen"]
     if spec["mode"] == "check":
@@ -499,6 +500,7 @@ def bench(targets: list[BenchModel], baseline: str, opts: BenchOptions,
             r = run_child(spec(m, "ppl", text=opts.ppl_text, text_range=opts.ppl_range, ppl_ctx=opts.ppl_ctx,
                                ppl_windows=opts.ppl_windows))
             results[m.label]["ppl"] = r["ppl"]
+            results[m.label]["window_nll"] = r["window_nll"]  # per window, for paired comparisons
             step(f"perplexity {m.label}")
     for i in range(opts.runs):  # A B A B: every round measures every model once
         for m in order:

@@ -18,6 +18,7 @@ class Perplexity:
     windows: int
     ctx: int
     protocol: str = "non-overlapping windows, all ctx-1 predicted tokens scored"
+    window_nll: tuple[float, ...] = ()  # mean NLL per window, in order: for paired comparisons between models
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -31,11 +32,23 @@ def perplexity(
     progress: Callable[[], None] | None = None,
 ) -> Perplexity:
     """LOGITS_FN maps one window of ids (ctx,) to logits (ctx, vocab); any backend fits behind it."""
-    total, count = 0.0, 0
+    total, count, per = 0.0, 0, []
     for w in windows:
-        total += float(window_nll(logits_fn(w), w))
+        nll = float(window_nll(logits_fn(w), w))
+        total += nll
         count += len(w) - 1
+        per.append(nll / (len(w) - 1))
         if progress:
             progress()
     nll = total / count
-    return Perplexity(math.exp(nll), nll, count, len(windows), windows.shape[1])
+    return Perplexity(math.exp(nll), nll, count, len(windows), windows.shape[1], window_nll=tuple(per))
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-window NLL differences a − b of two models scored on the same windows."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired difference needs two equal lists of at least 2 windows, not {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return mean, math.sqrt(var / len(d))

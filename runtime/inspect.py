@@ -350,6 +350,13 @@ def _onnx_meta(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _onnx_notes(meta: dict) -> list[str]:
+    """What an export's record says of it: the settings it was built for (exports since --ep), then its kernel
+    notes."""
+    built = meta.get("built_for")
+    return ([built] if isinstance(built, str) else []) + list(meta.get("notes") or [])
+
+
 def _onnx_bpw(folder: Path) -> float | None:
     """The linears' bpw an ONNX export records (its artifact's: Q + L + R as the compressor stored them)."""
     bpw = _onnx_meta(folder).get("bpw")
@@ -423,7 +430,7 @@ def inspect_path(path: Path, verify: bool = False) -> dict:
         files = [f for f in path.iterdir() if f.name.startswith(ONNX_MODEL)]
         rows = onnx_tensors(path / ONNX_MODEL, verify)
         return _summary(rows, *_onnx_linears(rows, path), kind="onnx export",
-                        file_bytes=sum(f.stat().st_size for f in files), notes=_onnx_meta(path).get("notes") or [],
+                        file_bytes=sum(f.stat().st_size for f in files), notes=_onnx_notes(_onnx_meta(path)),
                         **_onnx_checks([ONNX_MODEL] if verify else []))
     if (path / WEIGHTS).is_file():
         raise LrdError(f"{path} is not an lrdeploy artifact: {MANIFEST} is missing")

@@ -62,7 +62,7 @@ def exported(request, calib_text, tmp_path_factory):
                                    calib_tokens=1024, seq_len=128, iters=1, lplr_iters=1, device="cpu")
             compress(open_source(str(model)), opts, root / "art")
             export_gguf(str(root / "art"), root / "gguf")
-            export_onnx(str(root / "art"), root / "onnx")
+            export_onnx(str(root / "art"), root / "onnx", exact=True)
             cache[fixture] = (model, root / "art", root / "gguf", root / "onnx")
         return cache[fixture]
 

@@ -10,7 +10,7 @@ import torch
 
 from lrdeploy.compressor.text import calibration_ids, eval_windows, load_text, parse_range
 from lrdeploy.errors import LrdError
-from lrdeploy.runtime.eval import perplexity
+from lrdeploy.runtime.eval import paired_difference, perplexity
 
 
 def test_perplexity_matches_hand_computation():
@@ -28,6 +28,18 @@ def test_perplexity_matches_hand_computation():
             nll -= torch.log_softmax(table[a], -1)[b].item()
     assert res.tokens == 4 and res.windows == 2 and res.ctx == 3
     assert res.ppl == pytest.approx(math.exp(nll / 4), rel=1e-6)
+    per = [-sum(torch.log_softmax(table[a], -1)[b].item() for a, b in zip(w[:-1], w[1:], strict=True)) / 2
+           for w in windows]
+    assert res.window_nll == pytest.approx(per, rel=1e-6)
+
+
+def test_paired_difference_is_mean_and_standard_error_of_window_differences():
+    mean, se = paired_difference([2.0, 3.0, 5.0], [1.0, 1.0, 1.0])  # differences 1, 2, 4
+    assert mean == pytest.approx(7 / 3)
+    assert se == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3))
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="two equal lists"):
+        paired_difference([1.0, 2.0], [1.0])
 
 
 def test_windows_and_ranges(tmp_path):

@@ -152,7 +152,7 @@ def test_tiny_export_matches_torch(tiny_artifacts, key, tmp_path):
     from lrdeploy.artifact import load_artifact, read_manifest
 
     art = tiny_artifacts[key]
-    summary = export_onnx(str(art), tmp_path / "onnx")
+    summary = export_onnx(str(art), tmp_path / "onnx", exact=True)
     assert summary["linears"]["matmulnbits"] == 14 and "MatMulNBits" in summary["message"]
     assert summary["linears"]["lowrank"] == (14 if key == "llama_q2_k" else 0)
     tables = read_manifest(art)["tensors"]
@@ -188,7 +188,7 @@ def test_tiny_fp16_float_zp_and_unfused_variants(tiny_artifacts, tmp_path):
     for name, kwargs, tol in (("fp16", {"dtype": "fp16"}, 2e-2), ("float", {"zero_points": "float"}, REL),
                               ("unfused", {"fuse": False}, REL), ("plain", {"graph": "plain"}, REL),
                               ("plain-fp16", {"graph": "plain", "dtype": "fp16"}, 2e-2)):
-        export_onnx(str(art), tmp_path / name, **kwargs)
+        export_onnx(str(art), tmp_path / name, exact=True, **kwargs)
         m = open_onnxruntime(tmp_path / name, "cpu")
         assert _rel_err(m.logits(ids), ref) < tol, name
         assert _rel_err(m.step_logits(ids, prefill=30), ref) < tol, name
@@ -205,7 +205,7 @@ def test_fused_graph_ops_cache_and_quantized_vocab(tiny_artifacts, tmp_path):
     from lrdeploy.artifact import load_artifact, read_manifest
 
     art = tiny_artifacts["llama_q2_k"]
-    summary = export_onnx(str(art), tmp_path / "onnx")
+    summary = export_onnx(str(art), tmp_path / "onnx", exact=True)
     assert summary["graph"] == "fused" and summary["kv_cache"] == "shared buffer"
     tables = read_manifest(art)["tensors"]
     embed = tables["model.embed_tokens.weight"]["q_format"]
@@ -240,7 +240,7 @@ def test_logits_to_keep(tiny_artifacts, tmp_path, graph):
     from lrdeploy.artifact import load_artifact
 
     art = tiny_artifacts["llama_q2_k"]
-    export_onnx(str(art), tmp_path / graph, graph=graph)
+    export_onnx(str(art), tmp_path / graph, exact=True, graph=graph)
     m = open_onnxruntime(tmp_path / graph, "cpu")
     assert "logits_to_keep" in {i.name for i in m.session.get_overridable_initializers()}
     ids = torch.arange(3, 40)
@@ -303,7 +303,7 @@ def test_fused_graph_refusal_and_fallback(tiny_phi3, tmp_path, cli):
 def test_tiny_batch_with_left_padding(tiny_artifacts, tmp_path):
     """attention_mask zeros hide pad tokens: a left-padded row of the plain graph gives the logits of the same
     sequence alone (the fused graph's GroupQueryAttention takes right padding only)."""
-    export_onnx(str(tiny_artifacts["llama_q2_k"]), tmp_path / "onnx", graph="plain")
+    export_onnx(str(tiny_artifacts["llama_q2_k"]), tmp_path / "onnx", exact=True, graph="plain")
     m = open_onnxruntime(tmp_path / "onnx", "cpu")
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 1000, 12), rng.integers(0, 1000, 7)
@@ -327,7 +327,7 @@ def test_uncompressed_export_fp32_and_fp16(tiny_llama, tmp_path, cli):
     model = load_full(src.config, src.tensor)
     ids = torch.arange(3, 35)
     ref = _torch_logits(model, ids)
-    code, out, err = cli("export", tiny_llama, "--format", "onnx", "-o", tmp_path / "fp32", "--json")
+    code, out, err = cli("export", tiny_llama, "--format", "onnx", "-o", tmp_path / "fp32", "--exact", "--json")
     assert code == 0, err
     row = json.loads(out)
     assert row["kind"] == "uncompressed" and row["bpw"] is None and row["linears"]["dense"] == 14
@@ -335,7 +335,7 @@ def test_uncompressed_export_fp32_and_fp16(tiny_llama, tmp_path, cli):
     assert m.bpw is None
     assert _rel_err(m.logits(ids), ref) < REL
     assert _rel_err(m.step_logits(ids, prefill=20), ref) < REL
-    export_onnx(str(tiny_llama), tmp_path / "fp16", dtype="fp16")
+    export_onnx(str(tiny_llama), tmp_path / "fp16", exact=True, dtype="fp16")
     m16 = open_onnxruntime(tmp_path / "fp16", "cpu")
     assert m16.io.dtype == np.float16
     assert _rel_err(m16.logits(ids), ref) < 2e-2
@@ -344,19 +344,19 @@ def test_uncompressed_export_fp32_and_fp16(tiny_llama, tmp_path, cli):
 
 def test_cli_export_eval_and_refusals(tiny_artifacts, tmp_path, cli, calib_text):
     art, out = tiny_artifacts["qwen2_q4_0"], tmp_path / "onnx"
-    code, stdout, err = cli("export", art, "--format", "onnx", "-o", out)
+    code, stdout, err = cli("export", art, "--format", "onnx", "-o", out, "--exact")
     assert code == 0, err
     said = " ".join(stdout.split())  # the console wraps long lines
     assert "MatMulNBits" in said and "artifact bpw 4.500" in said
     assert "note:" not in err  # q4_0 runs on the fast 4-bit kernels: nothing to warn about
-    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq")
+    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq",
+                        "--exact")
     assert code == 0, err8
     notes = [line for line in err8.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "8-bit MatMulNBits" in notes[0] and "--int8-activations" in " ".join(err8.split())
-    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq8",
-                        "--int8-activations")
-    assert code == 0 and "note:" not in err8, err8
-    code, _, err = cli("export", art, "--format", "onnx", "-o", out)
+    assert len(notes) == 1 and "8-bit MatMulNBits" in notes[0] and "--exact keeps them float" in " ".join(err8.split())
+    code, _, err8 = cli("export", tiny_artifacts["llama_iq2_xs"], "--format", "onnx", "-o", tmp_path / "iq8")
+    assert code == 0 and "note:" not in err8, err8  # the default CPU export: int8 activations, the fast kernels
+    code, _, err = cli("export", art, "--format", "onnx", "-o", out, "--exact")
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("export", art, "--format", "onnx", "-o", out, "--force", "--dtype", "bf16")
     assert code == 2 and "fp32 or fp16" in err
@@ -370,6 +370,55 @@ def test_cli_export_eval_and_refusals(tiny_artifacts, tmp_path, cli, calib_text)
     torch_row = json.loads(stdout)
     assert onnx_row["bpw"] == pytest.approx(4.5) and onnx_row["tokens"] == torch_row["tokens"]
     assert onnx_row["ppl"] == pytest.approx(torch_row["ppl"], rel=1e-4)
+
+
+def test_export_is_built_for_its_execution_provider(tiny_artifacts, tmp_path, cli):
+    """--ep cpu (the default without a GPU): int8 activations on every MatMulNBits, close to the exact export's
+    logits but not equal to them; --ep cuda: the fp16 graph with float activations and a CUDA genai_config; both
+    say what they were built for in the export's record and in inspect. Careless flags are one line and exit 2."""
+    import onnx
+
+    from lrdeploy.artifact import load_artifact
+
+    art = tiny_artifacts["qwen2_q4_0"]
+    model, _ = load_artifact(art)
+    ids = torch.arange(3, 43)
+    ref = _torch_logits(model, ids)
+    outs = {}
+    for name, flags in (("default", []), ("cpu", ["--ep", "cpu"]), ("cuda", ["--ep", "cuda"]), ("exact", ["--exact"])):
+        code, shown, err = cli("export", art, "--format", "onnx", "-o", tmp_path / name, *flags, "--json")
+        assert code == 0, err
+        outs[name] = json.loads(shown)
+        graph = onnx.load(str(tmp_path / name / "model.onnx"), load_external_data=False).graph
+        levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+                  for n in graph.node if n.op_type == "MatMulNBits"}
+        assert levels == {4 if name in ("default", "cpu") else 0}, name
+        code, shown, err = cli("inspect", tmp_path / name, "--json")
+        assert code == 0, err
+        assert json.loads(shown)["notes"][0] == outs[name]["built_for"], name
+    assert {k: (v["ep"], v["dtype"], v["exact"]) for k, v in outs.items()} == {
+        "default": ("cpu", "fp32", False), "cpu": ("cpu", "fp32", False), "cuda": ("cuda", "fp16", False),
+        "exact": ("cpu", "fp32", True)}
+    assert "int8" in outs["cpu"]["built_for"] and "CUDA" in outs["cuda"]["built_for"]
+    assert "reproduces the artifact's logits" in outs["exact"]["built_for"]
+    genai = json.loads((tmp_path / "cuda" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    assert json.loads((tmp_path / "cpu" / "genai_config.json").read_text())["model"]["decoder"][
+        "session_options"]["provider_options"] == []
+    exact = open_onnxruntime(tmp_path / "exact", "cpu").logits(ids)
+    fast = open_onnxruntime(tmp_path / "cpu", "cpu").logits(ids)
+    assert _rel_err(exact, ref) < REL
+    assert REL < _rel_err(fast, ref) < 5e-2  # int8 activations: no longer bit-exact, still the same model
+    half = open_onnxruntime(tmp_path / "cuda", "cpu")  # the fp16 graph runs on the CPU EP too
+    assert half.io.dtype == np.float16 and _rel_err(half.logits(ids), ref) < 2e-2
+    for flags, needle in ((["--ep", "tpu"], "unknown execution provider 'tpu'"),
+                          (["--ep", "cuda", "--exact"], "drop --ep cuda"),
+                          (["--ep"], "requires an argument")):
+        code, _, err = cli("export", art, "--format", "onnx", "-o", tmp_path / "bad", *flags)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (flags, err)
+    code, _, err = cli("export", art, "--format", "gguf", "-o", tmp_path / "g", "--ep", "cpu")
+    assert code == 2 and "--ep and --exact apply to --format onnx only" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "g").exists()
 
 
 def test_wrong_inputs_is_one_line_error(tmp_path):
@@ -401,7 +450,7 @@ def smol(smol_artifact, tmp_path_factory):
     from lrdeploy.artifact import load_artifact
 
     out = tmp_path_factory.mktemp("smol_onnx") / "onnx"
-    export_onnx(str(smol_artifact), out)
+    export_onnx(str(smol_artifact), out, exact=True)
     model, _ = load_artifact(smol_artifact)
     return model, open_onnxruntime(out, "cpu")
 

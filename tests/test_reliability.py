@@ -42,7 +42,7 @@ def small(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rel")
     model, _ = narrow_rtn_artifact(root, layers=1)
     export_gguf(str(root / "art"), root / "gguf")
-    export_onnx(str(root / "art"), root / "onnx")
+    export_onnx(str(root / "art"), root / "onnx", exact=True)
     return {"model": model, "art": root / "art", "gguf": root / "gguf", "onnx": root / "onnx"}
 
 
@@ -291,6 +291,32 @@ def test_same_seed_same_bytes(reference, two_blocks, calib_text, tmp_path, cli):
     code, _, err = cli("compress", two_blocks, "-o", out, "--calib", calib_text, *RESUMABLE)
     assert code == 0, err
     _same_artifact(out, reference)
+
+
+def test_missing_output_parent_promises_no_resume(two_blocks, calib_text, tmp_path, cli):
+    """-o under a path that cannot be a directory: one line that says nothing was written, no .partial, no --resume."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = cli("compress", two_blocks, "-o", blocker / "sub" / "art", "--calib", calib_text, *RESUMABLE)
+    _one_line_error(code, err, "nothing was written")
+    assert ".partial" not in err and "--resume" not in err, err
+    assert code == 2 and blocker.read_text() == "not a directory"
+
+
+def test_failure_before_any_layer_says_so(two_blocks, calib_text, tmp_path, cli, monkeypatch):
+    """ENOSPC on block 0's shard: no layer had finished, and the message says so rather than 'N finished layers'."""
+    import lrdeploy.compressor.rundir as rundir
+
+    def full_disk(path: Path, *a, **k) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rundir, "save_shard", full_disk)
+    out = tmp_path / "art"
+    code, _, err = cli("compress", two_blocks, "-o", out, "--calib", calib_text, *RESUMABLE)
+    _one_line_error(code, err, "no layer had finished")
+    assert "finished layers are kept" not in err, err
+    partial = tmp_path / "art.partial"
+    assert (str(partial) in err) == partial.is_dir(), err  # named only where it exists
 
 
 def test_disk_full_keeps_finished_layers_then_resume(reference, two_blocks, calib_text, tmp_path, cli,

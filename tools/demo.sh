@@ -13,8 +13,9 @@ REPORT=${REPORT:-$OUT/bench}
 if [ -f "$OUT/smollm2-caldera/lrdeploy.json" ]; then echo "reusing $OUT/smollm2-caldera (delete it to recompress)";
 else $LRD compress smollm2 -o "$OUT/smollm2-caldera" "${CALIB[@]}" --force; fi
 $LRD export "$OUT/smollm2-caldera" --format gguf -o "$OUT/smollm2-gguf" --force
-# --int8-activations: the default artifact's fallback linears are iq4_nl (SmolLM2's 576-wide rows hold no q2_k
-# super-block), 8-bit MatMulNBits in ONNX, which onnxruntime's CPU kernel runs fast only with int8 activations
-$LRD export "$OUT/smollm2-caldera" --format onnx -o "$OUT/smollm2-onnx" --int8-activations --force
+# The default ONNX export is built for the EP this machine has: here the CPU EP, with int8 activations, which the
+# artifact's fallback linears need to run fast (iq4_nl, as SmolLM2's 576-wide rows hold no q2_k super-block, is
+# 8-bit MatMulNBits in ONNX)
+$LRD export "$OUT/smollm2-caldera" --format onnx -o "$OUT/smollm2-onnx" --force
 $LRD bench "$OUT/smollm2-gguf" "$OUT/smollm2-onnx" --baseline smollm2 --ctx 256,1024,4096 --gen-tokens 32 \
     --memory-budget 512MiB --runs 3 "${PPL[@]}" --report "$REPORT"
