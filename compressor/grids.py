@@ -219,10 +219,6 @@ def _weights(importance: Tensor | None, w: Tensor) -> Tensor | None:
     return importance.to(device=w.device, dtype=torch.float32).expand_as(w)
 
 
-def _wsum(x: Tensor | None, t: Tensor) -> Tensor:
-    return (t if x is None else x * t).sum(-1)
-
-
 def _real_affine(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     """Weighted least-squares (a, o) for value = a*q - o, over a range of rounding scales (like make_qkx2_quants)."""
     qmax = float(grid.qmax)
