@@ -135,10 +135,7 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     """LDLQ / GPTQ: round one column at a time and feed its error forward through chol(H⁻¹).
 
     Block scales are chosen when the block's first column is reached, from the error-updated weights; the
-    super-block scales (d, dmin) come from the weights before rounding. Each panel of LAZY columns is held
-    transposed, so the per-column rounding and its rank-1 update run on contiguous rows (1.2-1.9x faster on the
-    1.5B's shapes than strided columns; the update's float rounding differs in the last bit from the strided
-    layout's, so artifacts differ from those of earlier versions in low bits). The i-quants take block LDLQ
+    super-block scales (d, dmin) come from the weights before rounding. The i-quants take block LDLQ
     (`lattice.ldlq`): a codeword spans 8 columns, so 8 are rounded at once and their error fed forward together.
     """
     if isinstance(grid, lattice.Lattice):
@@ -158,27 +155,23 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     rows = torch.arange(out, device=W.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)
-        W1 = W[:, i1:i2].T.contiguous()  # the panel transposed: each step reads and updates whole contiguous rows
-        E1 = torch.empty_like(W1)
-        C1 = torch.empty(i2 - i1, out, dtype=torch.uint8, device=W.device)
-        Q1 = torch.empty_like(W1)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if j % B == 0:
                 sup_rows = sup[(rows * n + j) // SB]
-                fit = grids.fit_block(grid, W1[i : i + B].T.contiguous(), sup_rows, diag[j : j + B])
+                fit = grids.fit_block(grid, W1[:, i : i + B], sup_rows, diag[j : j + B])
                 scale, offset = fit.scale, fit.offset
                 block_codes[:, j // B] = fit.codes.to(torch.int64)
-            c, q = grids.round_values(grid, W1[i : i + 1].T, scale, offset)
-            C1[i] = c[:, 0]
-            Q1[i] = q[:, 0]
-            err = (W1[i] - q[:, 0]) / U1[i, i]
-            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
-            E1[i] = err
-        codes[:, i1:i2] = C1.T
-        Q[:, i1:i2] = Q1.T
-        W[:, i2:] -= E1.T.contiguous() @ U[i1:i2, i2:]
+            c, q = grids.round_values(grid, W1[:, i : i + 1], scale, offset)
+            codes[:, j : j + 1] = c
+            Q[:, j : j + 1] = q
+            err = (W1[:, i] - q[:, 0]) / U1[i, i]
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
     raw = grids.pack(grid, codes.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
     return Quantized(Q, raw, grid.name)
 

@@ -1238,7 +1238,8 @@ def _export(source: str, out: Path, settings: EpSettings, force: bool, zero_poin
     message = (f"wrote {out / MODEL_FILE} ({meta['model_bytes'] / 1e6:.1f} MB, {dtype}, {built}, {shape.layers} "
                f"layers, {how}): "
                f"{what}; embedding {vocab['embed']}, head {vocab['head']}; in {seconds:.1f} s")
-    keys = ("kind", "ep", "exact", "accuracy_level", "built_for", "dtype", "zero_points", "bpw", "graph", "plain_because", "kv_cache", "vocab", "notes")
+    keys = ("kind", "ep", "exact", "accuracy_level", "built_for", "dtype", "zero_points", "bpw", "graph",
+            "plain_because", "kv_cache", "vocab", "notes")
     return {"output": str(out), "format": "onnx", **{k: meta[k] for k in keys},
             "linears": counts, "model_bytes": meta["model_bytes"], "seconds": round(seconds, 2), "message": message}
 

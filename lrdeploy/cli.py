@@ -153,13 +153,14 @@ def _kept(output: Path, failed: bool = True) -> str:
     from lrdeploy.io import partial_dir
 
     done, tmp = finished_layers(output), partial_dir(output)
-    fix = "fix the problem, then " if failed else ""
+    fix = "; fix the problem, then resume" if failed else ". Resume"
     if done:
-        return f"{done} finished layers are kept in {tmp}; {fix}resume with: {_resume_command()}"
+        return f"{done} finished layers are kept in {tmp}{fix} with: {_resume_command()}"
     if tmp.is_dir():
-        return (f"no layer had finished; {tmp} holds the run's set-up only: {fix}resume with: {_resume_command()} "
+        return (f"no layer had finished; {tmp} holds the run's set-up only{fix} with: {_resume_command()} "
                 "(or pass --force to start over)")
-    return f"no layer had finished and nothing was written; {fix}run the command again"
+    return "no layer had finished and nothing was written; " + ("fix the problem, then " if failed else "") + \
+        "run the command again"
 
 
 def _resume_command() -> str:
@@ -259,7 +260,8 @@ def eval_(
         task = bar.add_task("evaluating", total=len(wins))
         res = perplexity(model.logits, wins, lambda: bar.update(task, advance=1))
     row = {"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "windows": res.windows, "ctx": res.ctx,
-           "bpw": model.bpw, "backend": backend, "protocol": res.protocol, "source": source}
+           "bpw": model.bpw, "backend": backend, "protocol": res.protocol, "source": source,
+           "window_nll": list(res.window_nll)}
     if as_json:
         print(json.dumps(row))
     else:
