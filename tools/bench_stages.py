@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -94,8 +95,9 @@ def timed(fn, runs: int) -> float:
     return best
 
 
+@functools.cache
 def matmul_rate(m: int, k: int, n: int) -> float:
-    """FLOP/s of a plain (m×k)·(k×n) float32 matmul on this machine (best of 3)."""
+    """FLOP/s of a plain (m×k)·(k×n) float32 matmul on this machine (best of 3), measured once per size."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     t = timed(lambda: a @ b, 3)
     return 2 * m * k * n / t
