@@ -135,8 +135,11 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     """LDLQ / GPTQ: round one column at a time and feed its error forward through chol(H⁻¹).
 
     Block scales are chosen when the block's first column is reached, from the error-updated weights; the
-    super-block scales (d, dmin) come from the weights before rounding. The i-quants take block LDLQ
-    (`lattice.ldlq`): a codeword spans 8 columns, so 8 are rounded at once and their error fed forward together.
+    super-block scales (d, dmin) come from the weights before rounding. The error goes forward in three tiers, as
+    GPTQ's lazy batch updates do: column by column inside a block, one matrix product per block into the rest of
+    its panel of LAZY columns, one per panel into the rest of the matrix. Each panel is held transposed, so every
+    per-column step reads and writes contiguous rows. The i-quants take block LDLQ (`lattice.ldlq`): a codeword
+    spans 8 columns, so 8 are rounded at once and their error fed forward together.
     """
     if isinstance(grid, lattice.Lattice):
         values, raw = lattice.ldlq(W, fac.H, fac.U, grid, lazy)
@@ -148,32 +151,30 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     diag = torch.diagonal(fac.H).float()
     importance = diag.repeat(out).reshape(-1, SB) if grid.super_block > 1 else None
     sup = grids.fit_super(grid, W.reshape(-1, SB), importance)
-    codes = torch.empty(out, n, dtype=torch.uint8, device=W.device)
+    codes = torch.empty(n, out, dtype=torch.uint8, device=W.device)  # transposed, as the panels are
+    Q = torch.empty(n, out, dtype=torch.float32, device=W.device)
     block_codes = torch.empty(out, n // B, 2, dtype=torch.int64, device=W.device)
-    Q = torch.empty_like(W)
     U = fac.U
     rows = torch.arange(out, device=W.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
+        P = W[:, i1:i2].T.contiguous()  # [panel, out]
+        E = torch.empty_like(P)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if j % B == 0:
-                sup_rows = sup[(rows * n + j) // SB]
-                fit = grids.fit_block(grid, W1[:, i : i + B], sup_rows, diag[j : j + B])
-                scale, offset = fit.scale, fit.offset
-                block_codes[:, j // B] = fit.codes.to(torch.int64)
-            c, q = grids.round_values(grid, W1[:, i : i + 1], scale, offset)
-            codes[:, j : j + 1] = c
-            Q[:, j : j + 1] = q
-            err = (W1[:, i] - q[:, 0]) / U1[i, i]
-            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    raw = grids.pack(grid, codes.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
-    return Quantized(Q, raw, grid.name)
+        for b1 in range(0, i2 - i1, B):
+            b2, j = b1 + B, i1 + b1
+            fit = grids.fit_block(grid, P[b1:b2].T.contiguous(), sup[(rows * n + j) // SB], diag[j : j + B])
+            block_codes[:, j // B] = fit.codes.to(torch.int64)
+            for i in range(b1, b2):
+                c, q = grids.round_values(grid, P[i].unsqueeze(-1), fit.scale, fit.offset)
+                codes[i1 + i] = c[:, 0]
+                Q[i1 + i] = q[:, 0]
+                torch.div(P[i] - q[:, 0], U1[i, i], out=E[i])
+                P[i + 1 : b2].addr_(U1[i, i + 1 : b2], E[i], alpha=-1.0)
+            P[b2:].addmm_(U1[b1:b2, b2:].T, E[b1:b2], alpha=-1.0)
+        W[:, i2:].addmm_(E.T, U[i1:i2, i2:], alpha=-1.0)
+    raw = grids.pack(grid, codes.T.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
+    return Quantized(Q.T.contiguous(), raw, grid.name)
 
 
 def quantize_factor(M: Tensor, fmt: str, importance: Tensor | None = None) -> Quantized:

@@ -233,30 +233,31 @@ def _real_affine(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     # fallback: min/max mapping, which is exact for constant blocks
     best_a = rng / qmax
     best_b = mn
-    best_e = torch.full_like(mn, math.inf)
     best_h = sx * qmax * qmax
     best_sq = sx * qmax
-    for step in _SEARCH[grid.name].steps:
-        q = torch.round(shifted * (inv_rng * (qmax + step))).clamp_(0.0, qmax)
-        xq = q if x is None else x * q
-        sq = xq.sum(-1)
-        sqq = (xq * q).sum(-1)
-        sqw = (xq * w).sum(-1)
-        det = sx * sqq - sq * sq
-        good = det > 1e-6 * sx * sqq
-        det = torch.where(good, det, 1.0)
-        a = (sx * sqw - sq * sw) / det
-        b = (sqq * sw - sq * sqw) / det
-        pos = b > 0
-        a = torch.where(pos, sqw / torch.where(sqq > 0, sqq, 1.0), a)
-        b = torch.where(pos, 0.0, b)
-        e = a * a * sqq + 2 * a * b * sq + b * b * sx - 2 * a * sqw - 2 * b * sw
-        take = good & (e < best_e)
-        best_e = torch.where(take, e, best_e)
-        best_a = torch.where(take, a, best_a)
-        best_b = torch.where(take, b, best_b)
-        best_h = torch.where(take, sqq, best_h)
-        best_sq = torch.where(take, sq, best_sq)
+    # every rounding scale at once ([S, m, B]), then the first of the best as a strict-improvement scan keeps
+    mult = torch.tensor([qmax + step for step in _SEARCH[grid.name].steps], dtype=torch.float32, device=w.device)
+    q = torch.round(shifted * (inv_rng * mult.view(-1, 1, 1))).clamp_(0.0, qmax)
+    xq = q if x is None else x * q
+    sq = xq.sum(-1)
+    sqq = (xq * q).sum(-1)
+    sqw = (xq * w).sum(-1)
+    det = sx * sqq - sq * sq
+    good = det > 1e-6 * sx * sqq
+    det = torch.where(good, det, 1.0)
+    a = (sx * sqw - sq * sw) / det
+    b = (sqq * sw - sq * sqw) / det
+    pos = b > 0
+    a = torch.where(pos, sqw / torch.where(sqq > 0, sqq, 1.0), a)
+    b = torch.where(pos, 0.0, b)
+    e = a * a * sqq + 2 * a * b * sq + b * b * sx - 2 * a * sqw - 2 * b * sw
+    e = torch.where(good & (e < math.inf), e, math.inf)  # NaN and inf never win, as `e < best` would not take them
+    pick = e.argmin(0, keepdim=True)
+    take = e.gather(0, pick)[0] < math.inf
+    best_a = torch.where(take, a.gather(0, pick)[0], best_a)
+    best_b = torch.where(take, b.gather(0, pick)[0], best_b)
+    best_h = torch.where(take, sqq.gather(0, pick)[0], best_h)
+    best_sq = torch.where(take, sq.gather(0, pick)[0], best_sq)
     zeros = torch.zeros_like(mn)
     return _Real(best_a.clamp(min=0.0), -best_b, best_h, sx, best_sq, sw, zeros)
 
@@ -269,10 +270,10 @@ def _real_symmetric(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     amax = wmax.abs()
     zeros = torch.zeros_like(wmax)
     best = lattice.BestScale.start(wmax)
-    for step in _SEARCH[grid.name].steps:
-        a = (wmax / step).unsqueeze(-1)
-        safe = torch.where(a == 0, math.inf, a)
-        best.offer(w, torch.round(w / safe).clamp_(lo, hi), x)
+    steps = torch.tensor(_SEARCH[grid.name].steps, dtype=torch.float32, device=w.device)
+    a = (wmax / steps.unsqueeze(-1)).unsqueeze(-1)  # every step at once: [S, m, 1]
+    safe = torch.where(a == 0, math.inf, a)
+    best.offer(w, torch.round(w / safe).clamp_(lo, hi), x)
     if grid.name == "q4_0":
         ref = wmax / -8.0  # ggml's quantize_row_q4_0_ref
     elif grid.name == "q8_0":

@@ -234,12 +234,18 @@ class BestScale:
         return cls(torch.zeros_like(like), torch.zeros_like(like), torch.zeros_like(like))
 
     def offer(self, w: Tensor, q: Tensor, x: Tensor | None) -> None:
+        """Take the best of candidate roundings q ([m, B], or [C, m, B] for C at once) where it beats the best so
+        far; of equal errors the first offered stays, as one offer per candidate in turn would keep."""
         xq = q if x is None else x * q
         sqq = (xq * q).sum(-1)
         sqw = (xq * w).sum(-1)
         has = sqq > 0
         a = torch.where(has, sqw / torch.where(has, sqq, 1.0), 0.0)
         e = -a * sqw
+        if e.dim() > self.e.dim():
+            e = torch.where(has & (e < math.inf), e, math.inf)  # NaN never wins, as `e < best` would not take it
+            pick = e.argmin(0, keepdim=True)
+            e, a, sqq, has = e.gather(0, pick)[0], a.gather(0, pick)[0], sqq.gather(0, pick)[0], has.gather(0, pick)[0]
         take = has & (e < self.e)
         self.e = torch.where(take, e, self.e)
         self.a = torch.where(take, a, self.a)
