@@ -36,6 +36,7 @@ from lrdeploy.compressor import fp16
 
 NEIGHBOURS = 32  # codewords scored per target: the nearest to its per-coordinate rounding
 _CHUNK = 1 << 15  # codewords searched per step of the whole-matrix passes (bounds memory at ~32 MB)
+_SCORE_ROWS = 2048  # targets scored per step of a codebook search: 2 MB per [rows, 32, 8] temporary
 _FIT_STEPS = (0.8, 0.9, 1.0, 1.1, 1.25)  # the largest weight of a sub-block is tried at these fractions of the top
 
 
@@ -171,8 +172,11 @@ def _round_codebook(grid: Lattice, w: Tensor, a: Tensor, x: Tensor, everything: 
         point = (digit * (book.levels.numel() ** torch.arange(v))).sum(-1)
         cand = book.near[point]
     odd = (neg.reshape(-1, v).sum(-1) % 2 == 1).unsqueeze(-1) if grid.signs == "parity" and v == 8 else None
-    err = _scores(t, xv, book.C[cand], odd)
-    pick = cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+    pick = torch.empty(t.shape[0], dtype=torch.int64, device=t.device)
+    for i in range(0, t.shape[0], _SCORE_ROWS):  # slices: the [rows, 32, vec] temporaries stay in cache
+        s = slice(i, i + _SCORE_ROWS)
+        err = _scores(t[s], xv[s], book.C[cand[s]], None if odd is None else odd[s])
+        pick[s] = cand[s].gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
     mag = book.C[pick].reshape(N, G)
     if grid.signs == "parity":
         # the unit of parity is 8 weights (one iq2 codeword, two iq3 codewords): flip the cheapest sign where odd

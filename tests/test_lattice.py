@@ -98,6 +98,23 @@ def test_bounded_search_matches_exhaustive(fmt):
     assert float((near.q == full.q).all(-1).float().mean()) >= 0.85
 
 
+@pytest.mark.parametrize("fmt", ["iq2_xs", "iq3_xxs", "iq2_s"])
+def test_search_in_slices_rounds_each_row_as_alone(fmt):
+    """The codebook search scores its targets _SCORE_ROWS at a time; rows rounded together across several slices (and
+    a ragged last one) get exactly the bits they get alone."""
+    grid = grids.get_grid(fmt)
+    g = torch.Generator().manual_seed(6)
+    rows = 2 * lattice._SCORE_ROWS * grid.vec // 16 + 37  # targets: more than two slices, the last one partial
+    w = torch.randn(rows, 16, generator=g)
+    a = w.abs().amax(-1) / float(lattice._book(fmt).levels[-1])
+    x = torch.rand(rows, 16, generator=g) + 0.2
+    whole = lattice.round_group(grid, w, a, x)
+    for k in range(0, rows, 97):
+        r = lattice.round_group(grid, w[k : k + 1], a[k : k + 1], x[k : k + 1])
+        assert torch.equal(whole.idx[k : k + 1], r.idx) and torch.equal(whole.neg[k : k + 1], r.neg), k
+    assert whole.idx.shape[0] * whole.idx.shape[1] > 2 * lattice._SCORE_ROWS
+
+
 @pytest.mark.parametrize("fmt", ["iq2_xxs", "iq2_xs", "iq3_xxs"])
 def test_parity_grids_keep_an_even_count_of_minus_signs(fmt):
     grid = grids.get_grid(fmt)
