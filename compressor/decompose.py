@@ -151,7 +151,7 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     diag = torch.diagonal(fac.H).float()
     importance = diag.repeat(out).reshape(-1, SB) if grid.super_block > 1 else None
     sup = grids.fit_super(grid, W.reshape(-1, SB), importance)
-    codes = torch.empty(n, out, dtype=torch.uint8, device=W.device)  # transposed, as the panels are
+    levels = torch.empty(n, out, dtype=torch.float32, device=W.device)  # transposed, as the panels are
     Q = torch.empty(n, out, dtype=torch.float32, device=W.device)
     block_codes = torch.empty(out, n // B, 2, dtype=torch.int64, device=W.device)
     U = fac.U
@@ -165,15 +165,16 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
             b2, j = b1 + B, i1 + b1
             fit = grids.fit_block(grid, P[b1:b2].T.contiguous(), sup[(rows * n + j) // SB], diag[j : j + B])
             block_codes[:, j // B] = fit.codes.to(torch.int64)
+            rounder = grids.ColumnRounder(grid, fit.scale, fit.offset)
             for i in range(b1, b2):
-                c, q = grids.round_values(grid, P[i].unsqueeze(-1), fit.scale, fit.offset)
-                codes[i1 + i] = c[:, 0]
-                Q[i1 + i] = q[:, 0]
-                torch.div(P[i] - q[:, 0], U1[i, i], out=E[i])
+                levels[i1 + i] = rounder.levels(P[i])  # the codes are levels + zero: formed once, at the end
+                q = rounder.values(levels[i1 + i], Q[i1 + i])
+                torch.div(P[i] - q, U1[i, i], out=E[i])
                 P[i + 1 : b2].addr_(U1[i, i + 1 : b2], E[i], alpha=-1.0)
             P[b2:].addmm_(U1[b1:b2, b2:].T, E[b1:b2], alpha=-1.0)
         W[:, i2:].addmm_(E.T, U[i1:i2, i2:], alpha=-1.0)
-    raw = grids.pack(grid, codes.T.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
+    codes = (levels.T + grid.zero).to(torch.uint8)
+    raw = grids.pack(grid, codes.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
     return Quantized(Q.T.contiguous(), raw, grid.name)
 
 
