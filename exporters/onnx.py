@@ -1245,5 +1245,3 @@ def _export(source: str, out: Path, settings: EpSettings, force: bool, zero_poin
     return {"output": str(out), "format": "onnx", **{k: meta[k] for k in keys},
             "linears": counts, "model_bytes": meta["model_bytes"], "seconds": round(seconds, 2), "message": message}
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -219,9 +220,6 @@ def _print_summary(manifest: dict) -> None:
         out.print(", ".join(mix), soft_wrap=True)
 
 
-BACKENDS = ("torch", "llamacpp", "onnxruntime")
-
-
 @app.command("eval")
 def eval_(
     source: str = typer.Argument(..., help="Artifact, model source (HF dir, hub id, .gguf, smollm2), or an export "
@@ -240,13 +238,12 @@ def eval_(
 ) -> None:
     """Perplexity of a model, artifact or export (non-overlapping ctx windows, every predicted token scored)."""
     from lrdeploy.compressor.text import eval_windows, load_text, tokenize
-    from lrdeploy.runtime.backends import adapter_beside, auto_backend, open_backend
+    from lrdeploy.runtime.backends import adapter_beside, auto_backend, check_backend, open_backend
     from lrdeploy.runtime.eval import perplexity
 
     if ctx < 2:
         raise LrdError("--ctx must be at least 2")
-    if backend not in ("auto", *BACKENDS):
-        raise LrdError(f"unknown backend '{backend}'; choose one of auto, {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "auto":
         backend = auto_backend(source)
     adapter = adapter_beside(source)
@@ -432,6 +429,9 @@ def _usage_message(e: Exception) -> str:
 
 
 def main() -> None:
+    # tokenizers warns in every child of a process that has used it (bench's workers, llama.cpp's tools): the CLI
+    # tokenizes once per command, so its parallelism buys nothing and the warning would only clutter stderr
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         with ctrl_c_wins():
             code = app(prog_name="lrdeploy", standalone_mode=False)  # non-standalone: codes come back, no exit

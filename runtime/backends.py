@@ -113,15 +113,29 @@ def adapter_beside(source: str | Path) -> Path | None:
     return adapter
 
 
-def open_backend(source: str, backend: str, device: str = "auto", lora: Path | None = None, n_ctx: int = 2048):
+BACKENDS = ("torch", "llamacpp", "onnxruntime")
+
+
+def check_backend(backend: str) -> None:
+    """A one-line error for a --backend that is neither auto nor one of BACKENDS."""
+    if backend not in ("auto", *BACKENDS):
+        raise LrdError(f"unknown backend '{backend}'; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def open_backend(source: str, backend: str, device: str = "auto", lora: Path | None = None, n_ctx: int | None = 2048,
+                 threads: int | None = None):
     """SOURCE opened on BACKEND; every backend tokenizes with the same HF tokenizer so windows match exactly.
 
     BACKEND 'auto' picks it from SOURCE (auto_backend). On llamacpp a .gguf file gets the adapter.gguf beside it
-    unless LORA names one, as an export directory does; torch loads the file alone (eval warns about that).
+    unless LORA names one, as an export directory does; torch loads the file alone (eval warns about that). N_CTX
+    sizes llama.cpp's logits context (None: each call's length, as bench wants). THREADS: CPU threads (torch's are
+    process-wide), all cores where None.
     """
     if backend == "auto":
         backend = auto_backend(source)
     if backend == "torch":
+        if threads:
+            torch.set_num_threads(threads)
         from lrdeploy.artifact import artifact_tokenizer, is_artifact, load_artifact
         from lrdeploy.compressor.model import load_full
         from lrdeploy.compressor.sources import open_source
@@ -140,9 +154,10 @@ def open_backend(source: str, backend: str, device: str = "auto", lora: Path | N
 
         if source in NAMES:  # a named model is a GGUF file: run that file, as llama.cpp users would
             source = str(named_path(source))
-        return open_llamacpp(Path(source), lora=lora or adapter_beside(source), n_ctx=n_ctx, device=device)
+        return open_llamacpp(Path(source), lora=lora or adapter_beside(source), n_ctx=n_ctx, device=device,
+                             n_threads=threads)
     if backend == "onnxruntime":
         from lrdeploy.runtime.onnxrt import open_onnxruntime
 
-        return open_onnxruntime(Path(source), device=device)
+        return open_onnxruntime(Path(source), device=device, threads=threads)
     raise LrdError(f"unknown backend '{backend}'")

@@ -1,6 +1,6 @@
 """`lrdeploy bench`: memory, maximum context and throughput of compressed models against the uncompressed one.
 
-Every measurement runs in a fresh child process (`python -m lrdeploy.runtime.bench SPEC_JSON`), so load time,
+Every measurement runs in a fresh child process (`python -m lrdeploy.runtime.bench_worker SPEC_JSON`), so load time,
 resident memory and peaks belong to one model alone. Targets and baseline alternate (A B A B) across runs, and each
 child warms up before it times. Prefill goes in chunks of 512 tokens on every backend (llama.cpp's default batch),
 so its workspace does not grow with the prompt, and only the last position's logits are computed where the backend
@@ -10,12 +10,10 @@ allows it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +22,8 @@ from typing import Any
 from lrdeploy.errors import LrdError
 from lrdeploy.files import ONNX_MODEL
 from lrdeploy.io import cache_root
-from lrdeploy.runtime.stream import PREFILL_CHUNK as CHUNK
-from lrdeploy.runtime.stream import kv_bytes_per_token
+from lrdeploy.runtime.ctxsearch import bracket_max_ctx
 
-BACKENDS = ("torch", "onnxruntime", "llamacpp")
-WARMUP_TOKENS = 32
 MIB = 1 << 20
 
 
@@ -46,9 +41,9 @@ class BenchModel:
 
 
 def resolve_targets(paths: list[str], backend: str) -> list[BenchModel]:
-    if backend not in ("auto", *BACKENDS):
-        raise LrdError(f"unknown backend '{backend}'; choose auto, {', '.join(BACKENDS)}")
-    from lrdeploy.runtime.backends import detect_backend
+    from lrdeploy.runtime.backends import check_backend, detect_backend
+
+    check_backend(backend)
 
     models = []
     for path in paths:
@@ -145,55 +140,6 @@ def model_files(m: BenchModel) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- the pure parts
 
 
-Runs = list[tuple[int, float | None]]
-
-
-def bracket_max_ctx(peak_at: Callable[[int], float | None], known: list[tuple[int, float]], budget: float,
-                    per_token: float, limit: int | None, checks: int = 10) -> tuple[int, Runs]:
-    """The longest context whose real peak stays in BUDGET, and the runs that found it.
-
-    KNOWN holds (tokens, peak) from at least one timed run. They set the first guess, and a timed run under budget
-    proves its length fits (it did more than a check does); their peaks also hold warm-up and decode, so later
-    guesses use the checks alone. A guess extends the line through the two measured peaks nearest the budget (at
-    least PER_TOKEN, the KV cache's own slope, > 0) and is then run: peak_at(n) is its peak, or None where the run
-    failed (taken as over budget). Guesses that leave the bracket [largest fit, smallest miss] become bisections, so
-    the search ends within 1% of the true length (or after CHECKS runs); it climbs as well as it descends, so a
-    first guess that fits with room to spare is not the answer.
-    """
-    ceiling = limit + 1 if limit else None  # the smallest length known not to fit (or not to exist)
-    lo = min(max((t for t, p in known if p <= budget), default=0), limit or math.inf)
-    runs: Runs = []
-    missed = False
-
-    def guess(pts: list[tuple[int, float]]) -> int:
-        under = [pt for pt in pts if pt[1] <= budget]
-        anchor = max(under) if under else min(pts)
-        near = [pt for pt in sorted(pts, key=lambda pt: abs(pt[0] - anchor[0])) if pt[0] != anchor[0]][:1]
-        slope = max(per_token, (near[0][1] - anchor[1]) / (near[0][0] - anchor[0])) if near else per_token
-        return anchor[0] + math.floor((budget - anchor[1]) / slope * 0.97)
-
-    for _ in range(checks):
-        if ceiling is not None and ceiling - lo <= (max(1, lo // 100) if missed else 1):
-            break
-        measured = sorted((n, p) for n, p in runs if p is not None)
-        n = guess(measured or sorted(known))
-        if n < 2 and lo == 0:
-            break  # the line through the peaks says no context fits: no run is wasted on it
-        if limit and n >= limit and not missed:
-            n = limit  # nothing has missed yet: try the model's whole context before bisecting towards it
-        elif ceiling is not None and not lo < n < ceiling:
-            n = (lo + ceiling) // 2
-        elif n <= lo:  # the line says lo is about the answer: probe just above it to close the bracket
-            n = lo + max(1, lo // 100)
-        peak = peak_at(n)
-        runs.append((n, peak))
-        if peak is not None and peak <= budget:
-            lo = n
-        else:
-            ceiling, missed = n, True
-    return lo, runs
-
-
 def parse_bytes(text: str) -> int:
     """'4GiB', '512MiB', '2GB', '1000000' → bytes."""
     units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -220,212 +166,6 @@ def parse_ctx(text: str) -> list[int]:
     return ctxs
 
 
-# --------------------------------------------------------------------------------------------- the child process
-
-
-def reset_peak() -> None:
-    """Restart the RSS high-water mark (Linux: VmHWM), so the next peak belongs to what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def rss_now() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def rss_peak() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-class LlamaRunner:
-    """A GGUF (+ LoRA adapter) in llama.cpp, as the streaming protocol of runtime/stream.py. It is its own loader, not
-    runtime/llamacpp.py's LlamaCppBackend: llama.cpp sizes its KV cache at load, so each measured context gets a
-    context of its own, and one without per-position logits (which eval's needs and speed must not pay for)."""
-
-    def __init__(self, path: str, device: str, threads: int | None):
-        from lrdeploy.runtime.inspect import export_bpw
-        from lrdeploy.runtime.llamacpp import _tokenizer, resolve
-
-        self.model, self.adapter, tok_dir = resolve(Path(path), None)
-        self.tokenizer = _tokenizer(self.model, tok_dir)
-        self.bpw = export_bpw(self.model, self.adapter)
-        self.device, self.threads = device, threads
-        self.llm, self.n_ctx, self._eval = None, 0, None
-        self.reset(WARMUP_TOKENS * 2)
-        meta = self.llm.metadata
-        arch = meta["general.architecture"]
-        heads = int(meta[f"{arch}.attention.head_count"])
-        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-        head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
-        self.kv_per_token = kv_bytes_per_token(int(meta[f"{arch}.block_count"]), kv_heads, head_dim, 2)  # f16 KV
-        self.max_positions = int(meta[f"{arch}.context_length"]) if f"{arch}.context_length" in meta else None
-
-    def reset(self, n_ctx: int) -> None:
-        from lrdeploy.runtime.llamacpp import load_llama
-
-        if self.llm is None or n_ctx != self.n_ctx:
-            if self.llm is not None:
-                self.llm.close()
-            self.llm = load_llama(self.model, self.adapter, n_ctx, self.device, self.threads, logits_all=False,
-                                  n_batch=CHUNK, n_ubatch=CHUNK)
-            self.n_ctx = n_ctx
-        self.llm.reset()
-
-    def prefill(self, ids: list[int]) -> None:
-        self.llm.eval(ids)
-
-    def decode(self, n: int) -> None:
-        import llama_cpp
-        import numpy as np
-
-        vocab = self.llm.n_vocab()
-        for _ in range(n):  # without logits_all, llama-cpp-python keeps no scores: read the last row from the context
-            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(vocab,))
-            self.llm.eval([int(np.argmax(row))])
-
-    def sync(self) -> None:
-        pass
-
-    def kv_bytes(self, tokens: int) -> int:
-        """llama.cpp's cache holds f16 keys and values for every stored token (allocated for n_ctx up front)."""
-        return self.kv_per_token * tokens
-
-    def logits(self, ids):
-        """Perplexity needs logits at every position: a context of its own, the speed context closed first."""
-        from lrdeploy.runtime.llamacpp import open_llamacpp
-
-        if self._eval is None or self._eval.n_ctx != len(ids):
-            self.close()
-            self._eval = open_llamacpp(self.model, self.adapter, len(ids), self.device, n_threads=self.threads)
-        return self._eval.logits(ids)
-
-    def close(self) -> None:
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
-        if self._eval is not None:
-            self._eval.close()
-            self._eval = None
-
-
-def open_runner(spec: dict):
-    backend, path, device, threads = spec["backend"], spec["path"], spec["device"], spec.get("threads")
-    if backend == "torch":
-        import torch
-
-        from lrdeploy.runtime.backends import open_backend
-
-        if threads:
-            torch.set_num_threads(threads)
-        return open_backend(path, "torch", device)
-    if backend == "onnxruntime":
-        from lrdeploy.runtime.onnxrt import open_onnxruntime
-
-        return open_onnxruntime(Path(path), device, threads=threads)
-    return LlamaRunner(path, device, threads)
-
-
-def prompt_ids(tokenizer, text: str | None, n: int) -> list[int]:
-    """N real-text token ids (the text repeated when it is shorter)."""
-    from lrdeploy.compressor.text import load_text, tokenize
-
-    ids = tokenize(tokenizer, load_text(text)).tolist()
-    if not ids:
-        raise LrdError("the bench text tokenizes to nothing")
-    return (ids * (n // len(ids) + 1))[:n]
-
-
-def preload(backend: str) -> None:
-    """Import everything a backend needs before measuring, so library code is not counted as model memory."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    import lrdeploy.compressor.text  # noqa: F401
-
-    if backend == "onnxruntime":
-        import onnxruntime  # noqa: F401
-    elif backend == "llamacpp":
-        import llama_cpp  # noqa: F401
-    else:
-        import lrdeploy.artifact  # noqa: F401
-        import lrdeploy.compressor.model  # noqa: F401
-
-
-def gpu_peak(runner) -> int | None:
-    if getattr(runner, "device", None) is not None and str(runner.device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    return None
-
-
-def worker(spec: dict) -> dict:
-    """One child's measurements of one model. Modes: run (timings per ctx), check (one long context), ppl."""
-    preload(spec["backend"])
-    base = rss_now()  # the interpreter and its libraries: not part of what the model needs
-    t0 = time.perf_counter()
-    runner = open_runner(spec)
-    load_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"load_s": load_s, "rss_after_load": rss_now() - base, "interpreter_rss": base,
-                           "kv_per_token": runner.kv_per_token, "max_positions": runner.max_positions,
-                           "bpw": runner.bpw}
-    if spec["mode"] == "ppl":
-        from lrdeploy.compressor.text import eval_windows, load_text, tokenize
-        from lrdeploy.runtime.eval import perplexity
-
-        ids = tokenize(runner.tokenizer, load_text(spec["text"], spec.get("text_range")))
-        windows = eval_windows(ids, spec["ppl_ctx"], spec["ppl_windows"])
-        res = perplexity(runner.logits, windows)
-        out["ppl"], out["window_nll"] = res.ppl, list(res.window_nll)
-        return out
-    gen = spec["gen"]
-    if spec["mode"] == "check":
-        n = spec["tokens"]
-        ids = prompt_ids(runner.tokenizer, spec.get("text"), n - 1)
-        runner.reset(n)
-        reset_peak()
-        runner.prefill(ids)
-        runner.decode(1)
-        out.update(tokens=n, peak=gpu_peak(runner) or rss_peak() - base)
-        return out
-    ids = prompt_ids(runner.tokenizer, spec.get("text"), max(spec["ctx"]))
-    runner.reset(WARMUP_TOKENS * 2)
-    runner.prefill(ids[:WARMUP_TOKENS])
-    runner.decode(4)
-    rows = []
-    for ctx in spec["ctx"]:
-        runner.reset(ctx + gen)
-        reset_peak()
-        if gpu_peak(runner) is not None:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
-        runner.prefill(ids[:ctx])
-        runner.sync()
-        t2 = time.perf_counter()
-        runner.decode(gen)
-        t3 = time.perf_counter()
-        rows.append({"ctx": ctx, "prefill_tps": ctx / (t2 - t1), "decode_tps": gen / (t3 - t2),
-                     "kv_bytes": runner.kv_bytes(ctx + gen), "peak": gpu_peak(runner) or rss_peak() - base})
-    out["ctx"] = rows
-    runner.close()
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- the driver
 
 
@@ -447,7 +187,7 @@ class BenchOptions:
 
 def run_child(spec: dict) -> dict:
     """Run one measurement in a fresh interpreter; its failure becomes one clear line."""
-    cmd = [sys.executable, "-m", "lrdeploy.runtime.bench", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "lrdeploy.runtime.bench_worker", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if res.returncode != 0:
         lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
@@ -597,10 +337,3 @@ def machine() -> dict:
     info["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return info
 
-
-if __name__ == "__main__":
-    try:
-        print(json.dumps(worker(json.loads(sys.argv[1]))))
-    except LrdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

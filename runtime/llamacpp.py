@@ -22,49 +22,94 @@ from lrdeploy.devices import check_device
 from lrdeploy.errors import LrdError
 from lrdeploy.files import GGUF_ADAPTER as ADAPTER
 from lrdeploy.files import GGUF_BASE as BASE
+from lrdeploy.runtime.stream import PREFILL_CHUNK, kv_bytes_per_token
 
 
 @dataclass
 class LlamaCppBackend:
-    """`.logits` and `.generate` on a llama.cpp context; every call starts from an empty KV cache."""
+    """A GGUF (+ LoRA adapter) in llama.cpp, behind the one backend protocol of runtime/stream.py.
 
-    llm: Any
+    llama.cpp sizes its KV cache at load, so the backend holds one of two contexts at a time. `logits` and
+    `generate` run on one with logits at every position (eval's need): N_CTX tokens, or as long as each call's ids
+    where N_CTX is None. The streaming side (`reset`, `prefill`, `decode`) runs on one without them, which speed must
+    not pay for, loaded again when `reset` asks for another size. Every call starts from an empty KV cache.
+    """
+
+    model_path: Path
+    lora_path: Path | None
     tokenizer: Any
-    n_ctx: int
-    bpw: float | None = None
-    model_path: Path | None = None
-    lora_path: Path | None = None
-    _closed: bool = field(default=False, repr=False)
+    bpw: float | None
+    device: str
+    n_ctx: int | None = None
+    threads: int | None = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    kv_per_token: int = 0
+    max_positions: int | None = None
+    llm: Any = field(default=None, repr=False)
+    _context: tuple[str, int] | None = field(default=None, repr=False)  # ("scores" | "stream", its size)
 
-    def _eval(self, ids: list[int]) -> None:
-        if len(ids) > self.n_ctx:
-            raise LrdError(f"{len(ids)} tokens do not fit llama.cpp's context of {self.n_ctx}; raise --ctx")
+    def _open(self, kind: str, size: int) -> Any:
+        if self._context != (kind, size):
+            self.close()
+            extra = {} if kind == "scores" else {"logits_all": False, "n_batch": PREFILL_CHUNK,
+                                                 "n_ubatch": PREFILL_CHUNK}
+            self.llm = load_llama(self.model_path, self.lora_path, size, self.device, self.threads,
+                                  **{**self.load_kwargs, **extra})
+            self._context = (kind, size)
         self.llm.reset()  # eval() then drops every cached position: a fresh context
-        self.llm.eval(ids)
+        return self.llm
+
+    def _scores(self, ids: list[int], room: int = 0) -> Any:
+        size = self.n_ctx or len(ids) + room
+        if len(ids) + room > size:
+            what = f"{len(ids)}" + (f" + {room}" if room else "")
+            raise LrdError(f"{what} tokens do not fit llama.cpp's context of {size}; raise --ctx")
+        llm = self._open("scores", size)
+        llm.eval(ids)
+        return llm
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits at every position (n, vocab), float32."""
         ids_list = [int(i) for i in ids.reshape(-1).tolist()]
-        self._eval(ids_list)
-        return torch.from_numpy(np.array(self.llm.scores[: len(ids_list)], dtype=np.float32))
+        llm = self._scores(ids_list)
+        return torch.from_numpy(np.array(llm.scores[: len(ids_list)], dtype=np.float32))
 
     def generate(self, ids: torch.Tensor, n_new: int) -> list[int]:
         """Greedy continuation: the argmax of llama.cpp's logits, token by token."""
         ids_list = [int(i) for i in ids.reshape(-1).tolist()]
-        if len(ids_list) + n_new > self.n_ctx:
-            raise LrdError(f"{len(ids_list)} + {n_new} tokens do not fit llama.cpp's context of {self.n_ctx}")
-        self._eval(ids_list)
+        llm = self._scores(ids_list, n_new)
         new: list[int] = []
         for _ in range(n_new):
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             new.append(tok)
-            self.llm.eval([tok])
+            llm.eval([tok])
         return new
 
+    def reset(self, n_ctx: int) -> None:
+        self._open("stream", n_ctx)
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.eval(ids)
+
+    def decode(self, n: int) -> None:
+        import llama_cpp
+
+        vocab = self.llm.n_vocab()
+        for _ in range(n):  # without logits_all, llama-cpp-python keeps no scores: read the last row from the context
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(vocab,))
+            self.llm.eval([int(np.argmax(row))])
+
+    def sync(self) -> None:
+        pass
+
+    def kv_bytes(self, tokens: int) -> int:
+        """llama.cpp's cache holds f16 keys and values for every stored token (allocated for n_ctx up front)."""
+        return self.kv_per_token * tokens
+
     def close(self) -> None:
-        if not self._closed:
+        if self.llm is not None:
             self.llm.close()
-            self._closed = True
+            self.llm, self._context = None, None
 
 
 def resolve(path: Path, lora: Path | None) -> tuple[Path, Path | None, Path | None]:
@@ -224,12 +269,27 @@ def adapter_problem(lora: Path, model: Path) -> str:
     return "tensor shapes do not match the base model"
 
 
-def open_llamacpp(path: Path, lora: Path | None, n_ctx: int, device: str, **kwargs: Any) -> LlamaCppBackend:
-    """PATH is an export directory (model.gguf [+ adapter.gguf]) or a .gguf file with an optional LoRA."""
+def open_llamacpp(path: Path, lora: Path | None, n_ctx: int | None, device: str, n_threads: int | None = None,
+                  **kwargs: Any) -> LlamaCppBackend:
+    """PATH is an export directory (model.gguf [+ adapter.gguf]) or a .gguf file with an optional LoRA.
+
+    With N_CTX, the logits context is loaded now, so a file llama.cpp rejects fails here; without, each context is
+    loaded when first used (bench sizes one per measurement). KWARGS go to llama_cpp.Llama.
+    """
+    from lrdeploy.compressor.sources import read_gguf_header
     from lrdeploy.runtime.inspect import export_bpw
 
     model, adapter, tok_dir = resolve(path, lora)
     bpw = export_bpw(model, adapter)  # parses both headers first: a truncated file is one clear error, not a crash
-    tokenizer = _tokenizer(model, tok_dir)
-    llm = load_llama(model, adapter, n_ctx, device, **kwargs)
-    return LlamaCppBackend(llm, tokenizer, n_ctx, bpw, model, adapter)
+    meta, _ = read_gguf_header(model)
+    arch = str(meta["general.architecture"])
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+    positions = meta.get(f"{arch}.context_length")
+    backend = LlamaCppBackend(model, adapter, _tokenizer(model, tok_dir), bpw, device, n_ctx, n_threads, kwargs,
+                              kv_bytes_per_token(int(meta[f"{arch}.block_count"]), kv_heads, head_dim, 2),  # f16 KV
+                              None if positions is None else int(positions))
+    if n_ctx is not None:
+        backend._open("scores", n_ctx)
+    return backend

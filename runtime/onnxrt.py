@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,5 +288,3 @@ def _genai_config(folder: Path) -> dict:
     except ValueError:
         raise LrdError(f"{path} is not valid JSON") from None
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

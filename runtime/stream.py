@@ -1,6 +1,7 @@
 """The streaming side of the one backend protocol, which the bench drives and every backend implements.
 
-Each backend (TorchBackend in backends.py, OnnxDecoder in onnxrt.py, and the bench's llama.cpp context) offers:
+Each backend (TorchBackend in backends.py, OnnxDecoder in onnxrt.py, LlamaCppBackend in llamacpp.py), as
+backends.open_backend opens it for eval, inspect and bench alike, offers:
 
 - `tokenizer`, `bpw`, and `logits(ids) -> (len, vocab)` from an empty cache (eval, perplexity);
 - `kv_per_token` (bytes of K and V per token at full depth) and `max_positions` (the model's context limit);
@@ -11,7 +12,7 @@ Each backend (TorchBackend in backends.py, OnnxDecoder in onnxrt.py, and the ben
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 PREFILL_CHUNK = 512  # tokens per forward when a long prompt is fed into the cache
 
@@ -21,6 +22,7 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, elem_bytes: in
     return 2 * layers * kv_heads * head_dim * elem_bytes
 
 
+@runtime_checkable
 class Stream(Protocol):
     tokenizer: Any
     bpw: float | None

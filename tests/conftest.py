@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from random_model import make_random_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # as the CLI sets it: quiet children
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO / "tools" / "data" / "wikitext2-valid.txt"
 

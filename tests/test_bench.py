@@ -6,16 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lrdeploy.errors import LrdError
 from lrdeploy.runtime.backends import open_backend
-from lrdeploy.runtime.bench import (
-    BenchOptions,
-    bracket_max_ctx,
-    parse_bytes,
-    parse_ctx,
-)
+from lrdeploy.runtime.bench import BenchOptions, parse_bytes, parse_ctx
 from lrdeploy.runtime.bench_report import write_report
+from lrdeploy.runtime.ctxsearch import bracket_max_ctx
 from lrdeploy.runtime.onnxrt import open_onnxruntime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +90,27 @@ def test_report_files_and_fields(report):
     for png in ("throughput-vs-ctx.png", "memory-vs-ctx.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({png})" in md
+
+
+@pytest.mark.parametrize("kind", ["artifact", "gguf", "onnx"])
+def test_every_backend_speaks_the_stream_protocol(kind, tiny_exports):
+    """The one factory bench, eval and inspect share opens each backend with every member of the protocol, and each
+    one runs it: logits for every position, a cache sized by reset, a prefill, greedy decoding, the KV it holds."""
+    from lrdeploy.runtime.stream import Stream
+
+    b = open_backend(str(tiny_exports[kind]), "auto", "cpu", n_ctx=None, threads=1)
+    assert isinstance(b, Stream), type(b)
+    elem = 2 if kind == "gguf" else 4  # llama.cpp keeps an f16 cache; torch and this fp32 ONNX export float32
+    assert b.kv_per_token == 2 * 2 * 2 * 64 * elem and b.max_positions and b.bpw
+    ids = list(range(10, 50))
+    logits = b.logits(torch.tensor(ids))
+    assert logits.shape[0] == len(ids) and logits.shape[1] >= len(b.tokenizer) and torch.isfinite(logits).all()
+    b.reset(64)
+    b.prefill(ids)
+    b.decode(3)
+    b.sync()
+    assert b.kv_bytes(43) >= 43 * b.kv_per_token  # onnxruntime's cache is allocated for reset's 64 up front
+    b.close()
 
 
 @pytest.mark.parametrize("runner_kind", ["torch", "onnxruntime"])
