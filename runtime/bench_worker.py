@@ -16,10 +16,13 @@ WARMUP_TOKENS = 32
 
 
 def open_runner(spec: dict):
-    """The measured model, on the one backend factory eval and inspect use; llama.cpp sizes a context per call."""
+    """The measured model, on the backend factory eval uses too; llama.cpp sizes a context per call."""
     from lrdeploy.runtime.backends import open_backend
 
-    return open_backend(spec["path"], spec["backend"], spec["device"], n_ctx=None, threads=spec.get("threads"))
+    runner = open_backend(spec["path"], spec["backend"], spec["device"], n_ctx=None, threads=spec.get("threads"))
+    if spec["backend"] == "llamacpp":  # llama.cpp loads the weights with a context: count them in the load here
+        runner.reset(WARMUP_TOKENS * 2)
+    return runner
 
 
 def prompt_ids(tokenizer, text: str | None, n: int) -> list[int]:

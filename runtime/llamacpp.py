@@ -282,13 +282,19 @@ def open_llamacpp(path: Path, lora: Path | None, n_ctx: int | None, device: str,
     model, adapter, tok_dir = resolve(path, lora)
     bpw = export_bpw(model, adapter)  # parses both headers first: a truncated file is one clear error, not a crash
     meta, _ = read_gguf_header(model)
-    arch = str(meta["general.architecture"])
-    heads = int(meta[f"{arch}.attention.head_count"])
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", int(meta[f"{arch}.embedding_length"]) // heads))
+    arch = meta.get("general.architecture")
+
+    def number(key: str, default: int | None = None) -> int | None:
+        value = meta.get(f"{arch}.{key}")  # None also where the file stores an array (one value per layer)
+        if value is None and default is None:
+            raise LrdError(f"cannot read {model}: it has no scalar {arch}.{key} (not a llama.cpp language model?)")
+        return default if value is None else int(value)
+
+    heads = number("attention.head_count")
+    head_dim = number("attention.key_length", number("embedding_length") // heads)
+    kv = kv_bytes_per_token(number("block_count"), number("attention.head_count_kv", heads), head_dim, 2)  # f16 KV
     positions = meta.get(f"{arch}.context_length")
-    backend = LlamaCppBackend(model, adapter, _tokenizer(model, tok_dir), bpw, device, n_ctx, n_threads, kwargs,
-                              kv_bytes_per_token(int(meta[f"{arch}.block_count"]), kv_heads, head_dim, 2),  # f16 KV
+    backend = LlamaCppBackend(model, adapter, _tokenizer(model, tok_dir), bpw, device, n_ctx, n_threads, kwargs, kv,
                               None if positions is None else int(positions))
     if n_ctx is not None:
         backend._open("scores", n_ctx)

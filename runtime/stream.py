@@ -1,7 +1,7 @@
 """The streaming side of the one backend protocol, which the bench drives and every backend implements.
 
 Each backend (TorchBackend in backends.py, OnnxDecoder in onnxrt.py, LlamaCppBackend in llamacpp.py), as
-backends.open_backend opens it for eval, inspect and bench alike, offers:
+backends.open_backend opens it for eval and bench alike, offers:
 
 - `tokenizer`, `bpw`, and `logits(ids) -> (len, vocab)` from an empty cache (eval, perplexity);
 - `kv_per_token` (bytes of K and V per token at full depth) and `max_positions` (the model's context limit);

@@ -94,7 +94,7 @@ def test_report_files_and_fields(report):
 
 @pytest.mark.parametrize("kind", ["artifact", "gguf", "onnx"])
 def test_every_backend_speaks_the_stream_protocol(kind, tiny_exports):
-    """The one factory bench, eval and inspect share opens each backend with every member of the protocol, and each
+    """The one factory bench and eval share opens each backend with every member of the protocol, and each
     one runs it: logits for every position, a cache sized by reset, a prefill, greedy decoding, the KV it holds."""
     from lrdeploy.runtime.stream import Stream
 
