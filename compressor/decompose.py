@@ -165,7 +165,7 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
             b2, j = b1 + B, i1 + b1
             fit = grids.fit_block(grid, P[b1:b2].T.contiguous(), sup[(rows * n + j) // SB], diag[j : j + B])
             block_codes[:, j // B] = fit.codes.to(torch.int64)
-            rounder = grids.ColumnRounder(grid, fit.scale, fit.offset)
+            rounder = grids.Rounder(grid, fit.scale, fit.offset)
             for i in range(b1, b2):
                 levels[i1 + i] = rounder.levels(P[i])  # the codes are levels + zero: formed once, at the end
                 q = rounder.values(levels[i1 + i], Q[i1 + i])

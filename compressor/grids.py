@@ -35,7 +35,7 @@ from lrdeploy.compressor.fp16 import round_fp16 as _fp16
 __all__ = [
     "GRIDS",
     "BlockFit",
-    "ColumnRounder",
+    "Rounder",
     "Grid",
     "block_index",
     "dequant",
@@ -175,44 +175,39 @@ def _levels(grid: Grid) -> tuple[int, int]:
     return -grid.zero, grid.qmax - grid.zero
 
 
-def _round_levels(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """Float levels q = code - zero; a zero scale maps to q = 0 (division by inf)."""
-    lo, hi = _levels(grid)
-    safe = torch.where(scale == 0, torch.full_like(scale, math.inf), scale).unsqueeze(-1)
-    num = w + offset.unsqueeze(-1) if grid.affine else w
-    return torch.round(num / safe).clamp_(lo, hi)
-
-
-def _values(grid: Grid, q: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """ggml's float32 operation order: (scale * q) - offset, q an exact small integer in float32."""
-    v = scale.unsqueeze(-1) * q
-    return v - offset.unsqueeze(-1) if grid.affine else v
-
-
-def round_codes(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
-    """Nearest codes clamp(round((w + offset) / scale) + zero, 0, qmax) as uint8; scale == 0 gives code `zero`."""
-    q = _round_levels(grid, w.to(torch.float32), scale, offset)
-    return (q + grid.zero).to(torch.uint8)
-
-
-class ColumnRounder:
-    """The LDLQ column loop's quantizer under one block's fixed scale/offset [m]: what depends only on the block is
-    computed once, so each column costs a few elementwise ops. Same bits as round_codes and dequant."""
+class Rounder:
+    """A grid's rounding under fixed scales and offsets that broadcast against the weights (per row [..., 1] for
+    whole blocks, [m] for the LDLQ column loop's one column): what depends only on the scales is computed once, so
+    each call costs a few elementwise ops. A zero scale maps to level 0 (division by inf)."""
 
     def __init__(self, grid: Grid, scale: Tensor, offset: Tensor):
         self.lo, self.hi = _levels(grid)
         self.scale, self.safe = scale, torch.where(scale == 0, math.inf, scale)
         self.offset = offset if grid.affine else None
 
+    @classmethod
+    def per_row(cls, grid: Grid, scale: Tensor, offset: Tensor) -> Rounder:
+        """For blocks w [..., k] under one scale/offset [...] per row."""
+        return cls(grid, scale.unsqueeze(-1), offset.unsqueeze(-1))
+
     def levels(self, w: Tensor) -> Tensor:
-        """Float levels q = code - zero of one column w [m]."""
+        """Float levels q = code - zero."""
         num = w if self.offset is None else w + self.offset
         return torch.round(num / self.safe).clamp_(self.lo, self.hi)
 
-    def values(self, q: Tensor, out: Tensor) -> Tensor:
-        """ggml's values of levels q [m], written into OUT."""
-        torch.mul(self.scale, q, out=out)
-        return out if self.offset is None else out.sub_(self.offset)
+    def values(self, q: Tensor, out: Tensor | None = None) -> Tensor:
+        """ggml's float32 operation order, (scale * q) - offset, for levels q (exact small integers in float32);
+        written into OUT when given."""
+        v = torch.mul(self.scale, q, out=out) if out is not None else self.scale * q
+        if self.offset is None:
+            return v
+        return v.sub_(self.offset) if out is not None else v - self.offset
+
+
+def round_codes(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """Nearest codes clamp(round((w + offset) / scale) + zero, 0, qmax) as uint8; scale == 0 gives code `zero`."""
+    q = Rounder.per_row(grid, scale, offset).levels(w.to(torch.float32))
+    return (q + grid.zero).to(torch.uint8)
 
 
 def dequant(grid: Grid, codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
@@ -220,7 +215,7 @@ def dequant(grid: Grid, codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
     q = codes.to(torch.int32)
     if grid.zero:
         q = q - grid.zero
-    return _values(grid, q.to(torch.float32), scale, offset)
+    return Rounder.per_row(grid, scale, offset).values(q.to(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,13 +260,12 @@ def _real_affine(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     a = torch.where(pos, sqw / torch.where(sqq > 0, sqq, 1.0), a)
     b = torch.where(pos, 0.0, b)
     e = a * a * sqq + 2 * a * b * sq + b * b * sx - 2 * a * sqw - 2 * b * sw
-    e = torch.where(good & (e < math.inf), e, math.inf)  # NaN and inf never win, as `e < best` would not take them
-    pick = e.argmin(0, keepdim=True)
-    take = e.gather(0, pick)[0] < math.inf
-    best_a = torch.where(take, a.gather(0, pick)[0], best_a)
-    best_b = torch.where(take, b.gather(0, pick)[0], best_b)
-    best_h = torch.where(take, sqq.gather(0, pick)[0], best_h)
-    best_sq = torch.where(take, sq.gather(0, pick)[0], best_sq)
+    e, a, b, sqq, sq = lattice.first_best(e, good, a, b, sqq, sq)
+    take = e < math.inf
+    best_a = torch.where(take, a, best_a)
+    best_b = torch.where(take, b, best_b)
+    best_h = torch.where(take, sqq, best_h)
+    best_sq = torch.where(take, sq, best_sq)
     zeros = torch.zeros_like(mn)
     return _Real(best_a.clamp(min=0.0), -best_b, best_h, sx, best_sq, sw, zeros)
 

@@ -223,6 +223,15 @@ def _sq_error(w: Tensor, a: Tensor, r: Rounded, x: Tensor | None) -> Tensor:
 # scales: a float fit per sub-block, the fp16 super-level d, then the stored integers
 
 
+def first_best(e: Tensor, valid: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    """The first least error of candidates e [C, ...] along dim 0, counting only where VALID and e is finite (NaN
+    and inf never win, as a strict-improvement scan `e < best` would not take them), and VALUES at it: (e, *values),
+    each [...]. A position with no valid candidate gets e = inf."""
+    e = torch.where(valid & (e < math.inf), e, math.inf)
+    pick = e.argmin(0, keepdim=True)
+    return tuple(t.gather(0, pick)[0] for t in (e, *values))
+
+
 @dataclass
 class BestScale:
     """The best least-squares scale so far of m blocks w [m, B] over candidate roundings q [m, B] (value = a·q):
@@ -247,9 +256,7 @@ class BestScale:
         a = torch.where(has, sqw / torch.where(has, sqq, 1.0), 0.0)
         e = -a * sqw
         if e.dim() > self.e.dim():
-            e = torch.where(has & (e < math.inf), e, math.inf)  # NaN never wins, as `e < best` would not take it
-            pick = e.argmin(0, keepdim=True)
-            e, a, sqq, has = e.gather(0, pick)[0], a.gather(0, pick)[0], sqq.gather(0, pick)[0], has.gather(0, pick)[0]
+            e, a, sqq, has = first_best(e, has, a, sqq, has)
         take = has & (e < self.e)
         self.e = torch.where(take, e, self.e)
         self.a = torch.where(take, a, self.a)
