@@ -198,10 +198,8 @@ class Rounder:
     def values(self, q: Tensor, out: Tensor | None = None) -> Tensor:
         """ggml's float32 operation order, (scale * q) - offset, for levels q (exact small integers in float32);
         written into OUT when given."""
-        v = torch.mul(self.scale, q, out=out) if out is not None else self.scale * q
-        if self.offset is None:
-            return v
-        return v.sub_(self.offset) if out is not None else v - self.offset
+        v = torch.mul(self.scale, q, out=out)
+        return v if self.offset is None else v.sub_(self.offset)
 
 
 def round_codes(grid: Grid, w: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
