@@ -56,10 +56,11 @@ def _linear_session(w, tmp_path):
     from onnx import TensorProto, helper
     from onnx.external_data_helper import load_external_data_for_model
 
-    from lrdeploy.exporters.onnx import Graph, LinearWeights, _linear
+    from lrdeploy.exporters.onnx.graph import Graph, linear
+    from lrdeploy.exporters.onnx.model import LinearWeights
 
     g = Graph(tmp_path / "model.onnx.data", np.float32)
-    y = _linear(g, "A", LinearWeights(q=w), "lin")
+    y = linear(g, "A", LinearWeights(q=w), "lin")
     g.close()
     graph = helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, None, w.k])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, None, w.n])], g.inits)

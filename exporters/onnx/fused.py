@@ -1,5 +1,5 @@
 """The fused ONNX decoder: onnxruntime's contrib ops where its CPU and CUDA EPs have kernels, around the same split
-Q + L·R linears as the plain graph (exporters/onnx.py).
+Q + L·R linears as the plain graph (plain.py).
 
 * GroupQueryAttention does the grouped heads, the causal (and sliding-window) mask, RoPE from cos/sin tables and
   the KV cache in one node. Under onnxruntime-genai's past_present_share_buffer, past and present are one
@@ -21,20 +21,19 @@ from __future__ import annotations
 import numpy as np
 
 from lrdeploy.compressor import arch as archs
-from lrdeploy.exporters.onnx import (
+from lrdeploy.exporters.onnx.graph import (
     MS_DOMAIN,
-    DecoderShape,
     Graph,
-    Weights,
-    _embed,
-    _linear,
-    _linears,
-    _logits,
     decoder_io,
     decoder_model,
+    embed,
+    linear,
+    linears,
+    logits,
     mlp_branch,
     vocab_weights,
 )
+from lrdeploy.exporters.onnx.model import DecoderShape, Weights
 
 # GroupQueryAttention's CPU kernel takes cos/sin tables whose width (rotary_dim / 2) is a multiple of 8
 ROTARY_MULTIPLE = 16
@@ -94,7 +93,7 @@ def _attention(g: Graph, s: DecoderShape, w: Weights, p: str, i: int, h: str, ca
     fam = s.family
     D, H, KV = s.head_dim, s.heads, s.kv_heads
     names = [p + n for n in fam.attn_in]
-    parts = _linears(g, h, [w.linear(n) for n in names], names, fuse, split=fam.qk_norm)
+    parts = linears(g, h, [w.linear(n) for n in names], names, fuse, split=fam.qk_norm)
     if fam.qk_norm:
         if len(parts) == 1:
             parts = g.op("Split", parts[0], g.const([H * D, KV * D, KV * D]), axis=-1, outputs=3)
@@ -109,7 +108,7 @@ def _attention(g: Graph, s: DecoderShape, w: Weights, p: str, i: int, h: str, ca
            [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", *lengths, *cache],
            [out, f"present.{i}.key", f"present.{i}.value"], domain=MS_DOMAIN, num_heads=H, kv_num_heads=KV,
            scale=s.attn_scale, do_rotary=1, local_window_size=window)
-    return _linear(g, out, w.linear(p + archs.O_PROJ), p + archs.O_PROJ)
+    return linear(g, out, w.linear(p + archs.O_PROJ), p + archs.O_PROJ)
 
 
 def build_fused_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True):
@@ -120,7 +119,7 @@ def build_fused_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True
     fam = s.family
     inputs, outputs = decoder_io(s, g.onnx_dtype, position_ids=False)
     vocab = vocab_weights(g, s, w)
-    x = _embed(g, s, vocab)
+    x = embed(g, s, vocab)
     seen = g.op("ReduceSum", "attention_mask", g.const([1]), keepdims=0)
     seqlens_k = g.op("Cast", g.op("Sub", seen, g.const(1)), to=TensorProto.INT32)  # [B]: last position per row
     total = g.op("Squeeze", g.op("Shape", "attention_mask", start=1, end=2), g.const([0]))
@@ -138,5 +137,5 @@ def build_fused_decoder(g: Graph, s: DecoderShape, w: Weights, fuse: bool = True
             mlp = _norm(g, mlp, w, p + fam.post_mlp_norm + ".weight", s)
         following = f"model.layers.{i + 1}.{fam.attn_norm}.weight" if i + 1 < s.layers else "model.norm.weight"
         h, x = _skip_norm(g, mlp, x, w, following, s)
-    _logits(g, s, vocab, h)
+    logits(g, s, vocab, h)
     return decoder_model(g, inputs, outputs), vocab.formats
