@@ -294,17 +294,16 @@ def _real_fit(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     return _real_affine(grid, w, x) if grid.affine else _real_symmetric(grid, w, x)
 
 
+_STEP_FACTORS = torch.tensor(_span(0.80, 1.04, 13), dtype=torch.float32)  # an ulp off lattice's linspace in places
+
+
 def _pick_step(vals: Tensor, h: Tensor, lo: int, hi: int) -> Tensor:
     """fp16 super-level step d minimising sum h*(v - d*clamp(round(v/d)))^2 over the blocks of each super-block."""
-    top = vals.clamp(min=0).amax(-1) / hi
-    if lo < 0:
-        top = torch.maximum(top, (-vals).clamp(min=0).amax(-1) / -lo)
-    factors = torch.tensor(_span(0.80, 1.04, 13), device=vals.device, dtype=torch.float32)
-    cand = _fp16(top.unsqueeze(-1) * factors)  # [n, F]
-    safe = torch.where(cand == 0, math.inf, cand).unsqueeze(-1)
-    k = torch.round(vals.unsqueeze(-2) / safe).clamp_(lo, hi)
-    err = (h.unsqueeze(-2) * (vals.unsqueeze(-2) - cand.unsqueeze(-1) * k) ** 2).sum(-1)
-    return cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+
+    def values(v: Tensor, d: Tensor) -> Tensor:
+        return d * torch.round(v / torch.where(d == 0, math.inf, d)).clamp_(lo, hi)
+
+    return lattice.pick_step(vals, h, lo, hi, _STEP_FACTORS, values)
 
 
 def _super_from_real(grid: Grid, real: _Real, n_super: int) -> Tensor:

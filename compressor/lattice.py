@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gguf
@@ -296,18 +297,27 @@ def _scale(grid: Lattice, d: Tensor, s: Tensor) -> Tensor:
     return d * (grid.c0 + grid.c1 * s.to(torch.float32))
 
 
-def _pick_d(grid: Lattice, a: Tensor, h: Tensor) -> Tensor:
-    """fp16 d per super-block (rows of a [n, n_sub]) minimising sum h·(a - scale(d, s(a)))²."""
-    hi = grid.c0 + grid.c1 * grid.s_hi
-    lo = grid.c0 + grid.c1 * grid.s_lo
+def pick_step(a: Tensor, h: Tensor, lo: float, hi: float, factors: Tensor,
+              values: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The fp16 super-block step d of each row of a [n, m] (the m sub-block scales or mins of one super-block) that
+    minimises sum h·(a − values(a, d))²: the candidates are FACTORS times the least d that reaches a's extremes
+    with stored levels in [lo, hi], and values(a [n, 1, m], d [n, F, 1]) gives what the sub-blocks store at each
+    candidate, as [n, F, m]. The K-quants (integer levels) and the i-quants (c0 + c1·s) share it."""
     top = a.clamp(min=0).amax(-1) / hi
     if lo < 0:
         top = torch.maximum(top, (-a).clamp(min=0).amax(-1) / -lo)
-    factors = torch.linspace(0.8, 1.04, 13)
-    cand = fp16.round_fp16(top.unsqueeze(-1) * factors)  # [n, F]
-    s = _stored(grid, a.unsqueeze(-2), cand.unsqueeze(-1))
-    err = (h.unsqueeze(-2) * (a.unsqueeze(-2) - _scale(grid, cand.unsqueeze(-1), s)).square()).sum(-1)
+    cand = fp16.round_fp16(top.unsqueeze(-1) * factors.to(a.device))  # [n, F]
+    err = (h.unsqueeze(-2) * (a.unsqueeze(-2) - values(a.unsqueeze(-2), cand.unsqueeze(-1))) ** 2).sum(-1)
     return cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+_D_FACTORS = torch.linspace(0.8, 1.04, 13)
+
+
+def _pick_d(grid: Lattice, a: Tensor, h: Tensor) -> Tensor:
+    """fp16 d per super-block (rows of a [n, n_sub]) minimising sum h·(a - scale(d, s(a)))²."""
+    return pick_step(a, h, grid.c0 + grid.c1 * grid.s_lo, grid.c0 + grid.c1 * grid.s_hi, _D_FACTORS,
+                     lambda a, d: _scale(grid, d, _stored(grid, a, d)))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The architecture registry: gemma3 and phi3 end to end, and H collection that cannot be silently wrong.
 
-The models are random weights on real configs' features (tools/random_model.FAMILY, fixtures in conftest):
+The models are random weights on real configs' features (random_model.FAMILY, fixtures in conftest):
 - gemma3_text, 6 layers: five sliding-window layers with a 32-token window, then a global one with its own RoPE
   base and linear scaling; sandwich norms, (1 + w) RMSNorm, q/k norms, GELU-tanh, √hidden embedding scale, and
   head_dim 128 ≠ hidden/heads;

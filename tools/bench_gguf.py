@@ -20,12 +20,10 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import WIKITEXT  # noqa: E402
+from common import WIKITEXT
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M")
 
@@ -162,7 +160,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not a.no_write:
-        from report_sections import update_section
+        from common import update_section
 
         update_section("gguf", text)
 

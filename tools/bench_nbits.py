@@ -25,18 +25,11 @@ from itertools import product
 
 import numpy as np
 
+from lrdeploy.exporters.onnx.nbits import pack_low_first, pack_zero_points
+
 VARIANTS = [(bits, block, zp, acc)
             for bits, block, zp, acc in product((2, 4, 8), (16, 32, 64), ("none", "uint8", "float"), (0, 4))
             if not (bits == 8 and zp == "float")]  # no float zero-point kernel at 8 bits
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    per = 8 // bits
-    c = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per)
-    out = np.zeros(c.shape[:-1], np.uint8)
-    for i in range(per):
-        out |= c[..., i] << np.uint8(bits * i)
-    return out
 
 
 def build(n: int, k: int, bits: int, block: int, zp: str, acc: int, rng: np.random.Generator, x: np.ndarray):
@@ -47,15 +40,13 @@ def build(n: int, k: int, bits: int, block: int, zp: str, acc: int, rng: np.rand
     kb = k // block
     codes = rng.integers(0, 1 << bits, (n, kb, block))
     scales = (rng.random((n, kb)) * 0.02 + 0.001).astype(np.float32)
-    inits = [numpy_helper.from_array(pack(codes, bits), "B"), numpy_helper.from_array(scales, "scales")]
+    inits = [numpy_helper.from_array(pack_low_first(codes, bits), "B"), numpy_helper.from_array(scales, "scales")]
     inputs = ["x", "B", "scales"]
     if zp == "none":
         zero = np.full((n, kb), 1 << (bits - 1), np.float64)
     elif zp == "uint8":
         zint = rng.integers(0, 1 << bits, (n, kb))
-        padded = np.zeros((n, -(-kb // (8 // bits)) * (8 // bits)), np.int64)
-        padded[:, :kb] = zint
-        inits.append(numpy_helper.from_array(pack(padded, bits), "zp"))
+        inits.append(numpy_helper.from_array(pack_zero_points(zint, bits), "zp"))
         inputs.append("zp")
         zero = zint.astype(np.float64)
     else:
@@ -163,7 +154,7 @@ def main() -> None:
     text = report(rows, a)
     print(text)
     if a.write:
-        from report_sections import update_section
+        from common import update_section
 
         update_section("nbits", text)
 

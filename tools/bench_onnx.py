@@ -38,13 +38,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WIKITEXT, run_json, slug, update_section
 
-from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
-
-from lrdeploy.exporters.onnx import META_VERSION  # noqa: E402
-from lrdeploy.io import cache_root  # noqa: E402
-from lrdeploy.runtime.eval import paired_difference  # noqa: E402
+from lrdeploy.exporters.onnx import META_VERSION
+from lrdeploy.io import cache_root
+from lrdeploy.runtime.eval import paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = ["--calib", str(WIKITEXT), "--calib-range", "0:0.5", "--target", "gguf", "--embed-type", "q4_0",
@@ -93,10 +91,6 @@ SETUPS = {
 }
 BUILDER = "onnxruntime-genai builder int4"
 PROMPTS = ("The history of the city", "In mathematics, a prime number", "She opened the door and")
-
-
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
 def artifact(work: Path, model: str, label: str) -> Path:

@@ -35,17 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import update_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from report_sections import update_section  # noqa: E402
-
-from lrdeploy.compressor import decompose as dec  # noqa: E402
-from lrdeploy.compressor import grids, lattice, mix  # noqa: E402
-from lrdeploy.compressor.arch import get as arch_of  # noqa: E402
-from lrdeploy.compressor.distill import train_block, trainable_block  # noqa: E402
-from lrdeploy.compressor.hcollect import run_block, staged_h  # noqa: E402
-from lrdeploy.compressor.model import BlockContext, rotary  # noqa: E402
+from lrdeploy.compressor import decompose as dec
+from lrdeploy.compressor import grids, lattice, mix
+from lrdeploy.compressor.arch import get as arch_of
+from lrdeploy.compressor.distill import train_block, trainable_block
+from lrdeploy.compressor.hcollect import run_block, staged_h
+from lrdeploy.compressor.model import BlockContext, rotary
 
 SEQ = 512
 RANK = 32

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
+from common import WIKITEXT, run_json, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT

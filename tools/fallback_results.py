@@ -12,12 +12,9 @@ under .cache/results/fallback/.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
+from common import WIKITEXT, cached, run_json, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".cache" / "results" / "fallback"
@@ -26,25 +23,18 @@ EVAL = ["--text", str(WIKITEXT), "--text-range", "0.5:1", "--ctx", "512", "--win
 POINTS = [(m, f) for m in ("rtn", "ldlq") for f in ("q4_0", "iq4_nl")]
 
 
-def cached(key: str, make) -> dict:
-    path = WORK / f"{key}.json"
-    if not path.is_file():
-        path.write_text(json.dumps(make(), indent=1))
-    return json.loads(path.read_text())
-
-
 def point(method: str, fmt: str) -> dict:
     art = WORK / f"{method}-{fmt}"
-    comp = cached(f"compress-{method}-{fmt}", lambda: run_json(
+    comp = cached(WORK / f"compress-{method}-{fmt}.json", lambda: run_json(
         ["compress", "smollm2", "-o", str(art), "--method", method, "--q-format", fmt, "--preset", "source",
          "--target", "gguf", *CALIB, "--device", "cpu", "--force", "-q", "--json"]))
-    ev = cached(f"eval-{method}-{fmt}", lambda: run_json(["eval", str(art), *EVAL, "-q", "--json"]))
+    ev = cached(WORK / f"eval-{method}-{fmt}.json", lambda: run_json(["eval", str(art), *EVAL, "-q", "--json"]))
     return {"method": method, "format": fmt, "bpw": comp["bpw"], "ppl": ev["ppl"]}
 
 
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
-    base = cached("eval-uncompressed", lambda: run_json(["eval", "smollm2", *EVAL, "-q", "--json"]))["ppl"]
+    base = cached(WORK / "eval-uncompressed.json", lambda: run_json(["eval", "smollm2", *EVAL, "-q", "--json"]))["ppl"]
     rows = [point(m, f) for m, f in POINTS]
     lines = [
         "## Fallback format: iq4_nl against q4_0 (SmolLM2)",

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -46,13 +45,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import BUILDER, builder  # noqa: E402
-from report_sections import WIKITEXT, update_section  # noqa: E402
-from report_sections import run_json as shared_run_json  # noqa: E402
+from bench_onnx import BUILDER, builder
+from common import WIKITEXT, cached, update_section
+from common import run_json as shared_run_json
+from common import slug as plain_slug
 
-from lrdeploy.files import ONNX_META, ONNX_MODEL  # noqa: E402
-from lrdeploy.io import staged_output  # noqa: E402
+from lrdeploy.files import ONNX_META, ONNX_MODEL
+from lrdeploy.io import staged_output
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
@@ -100,7 +99,8 @@ ONNX_MAX_IR = 10  # what the quantizer writes for int4 and what onnxruntime 1.31
 
 
 def slug(label: str) -> str:
-    return re.sub(r"-+", "-", "".join(c if c.isalnum() else "-" for c in label)).strip("-")
+    """A point's folder and record name (dash runs folded: the names the peers' and the 1.5B's records carry)."""
+    return plain_slug(label, squeeze=True)
 
 
 def log(msg: str) -> None:
@@ -118,21 +118,6 @@ class Step:
 
 
 STEPS = Step()
-
-
-def cached(key: str, make) -> dict:
-    """The JSON result of one measurement: computed once, then read back (an interrupted run loses nothing)."""
-    path = RESULTS / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    t0 = time.perf_counter()
-    row = make()
-    row["seconds"] = round(time.perf_counter() - t0, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(path)
-    return row
 
 
 def run(cmd: list, log_file: Path | None = None, stdout_only: bool = False) -> str:
@@ -857,9 +842,7 @@ def main() -> None:
         return not a.only_report and part not in a.skip
 
     def measure(part: str, key: str, make) -> dict | None:
-        if not live(part) and not (RESULTS / f"{key}.json").is_file():
-            return None
-        return cached(key, make)
+        return cached(RESULTS / f"{key}.json", make, live(part))
 
     bins = build_tools(a.jobs) if live("gguf") else {t: BUILD / "bin" / t for t in TOOLS}
     calib, text = write_texts()

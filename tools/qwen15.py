@@ -37,10 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
-from peers import cached, frontier, gguf_info, interp_ppl, log, slug  # noqa: E402
-from report_sections import WIKITEXT, update_section  # noqa: E402
+import peers
+from common import WIKITEXT, cached, update_section
+from peers import frontier, gguf_info, interp_ppl, log, slug
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = peers.WORK / "qwen15"
@@ -180,13 +179,7 @@ def forget(key: str) -> None:
 
 
 def measure(key: str, make, live: bool) -> dict | None:
-    if not live and not (RECORDS / f"{key}.json").is_file():
-        return None
-    old, peers.RESULTS = peers.RESULTS, RECORDS
-    try:
-        return cached(key, make)
-    finally:
-        peers.RESULTS = old
+    return cached(RECORDS / f"{key}.json", make, live)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_sections import WIKITEXT, run_json, update_section  # noqa: E402
+from common import WIKITEXT, run_json, slug, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
@@ -52,10 +50,6 @@ POINTS: list[tuple[str, str, list[str]]] = [
     ("caldera q2_k + r32 q4_0 + distill", "caldera",
      ["--q-format", "q2_k", "--rank", "32", "--lr-format", "q4_0", "--refine", "distill"]),
 ]
-
-
-def slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results  # noqa: E402
-from report_sections import update_section  # noqa: E402
+import results
+from common import update_section
 
 # the rotation kinds measured: --rotate's three, and residual plus the online down_proj rotation (--rotate-down)
 KINDS = ("none", "residual", "residual+head", "residual+down")

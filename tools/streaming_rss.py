@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
+RANDOM_MODEL = Path(__file__).resolve().parents[1] / "tests" / "random_model.py"
 
 
 def peak_rss_mib(cmd: list[str]) -> float:
@@ -43,7 +43,7 @@ def main() -> None:
     try:
         for n in map(int, a.layers.split(",")):
             model = work / f"m{n}"
-            subprocess.run([sys.executable, str(TOOLS / "random_model.py"), str(model), "--hidden", str(a.hidden),
+            subprocess.run([sys.executable, str(RANDOM_MODEL), str(model), "--hidden", str(a.hidden),
                             "--layers", str(n), "--ffn", str(a.ffn), "--heads", str(a.heads), "--kv-heads",
                             str(a.heads), "--shard-layers"], check=True, capture_output=True)
             size = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20

@@ -4,7 +4,7 @@ Real shapes at no download cost: tests use dims that are multiples of 256 so the
 Llama-2-7B's 4096/11008. gemma3_text and phi3 models also carry what their real configs set beyond the sizes
 (FAMILY), and random norm weights, so an exporter that drops a norm convention fails on them.
 
-    python tools/random_model.py OUT --hidden 256 --layers 2 --ffn 512 --heads 4 --kv-heads 2
+    python tests/random_model.py OUT --hidden 256 --layers 2 --ffn 512 --heads 4 --kv-heads 2
 """
 
 from __future__ import annotations
