@@ -12,6 +12,7 @@ under .cache/results/fallback/.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from common import WIKITEXT, cached, run_json, update_section
@@ -33,6 +34,7 @@ def point(method: str, fmt: str) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     base = cached(WORK / "eval-uncompressed.json", lambda: run_json(["eval", "smollm2", *EVAL, "-q", "--json"]))["ppl"]
     rows = [point(m, f) for m, f in POINTS]
