@@ -11,11 +11,10 @@ half, so no evaluated token was seen in calibration. Each point's compress and e
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from common import WIKITEXT, run_json, slug, update_section
+from common import WIKITEXT, cached, run_json, slug, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = WIKITEXT
@@ -53,30 +52,29 @@ POINTS: list[tuple[str, str, list[str]]] = [
 
 
 
-def point(label: str, method: str, extra: list[str]) -> dict:
-    cache = WORK / f"{slug(label)}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+def point(label: str, method: str, extra: list[str], live: bool = True) -> dict | None:
+    """One compress + eval point, kept as a record (None where it is not recorded and LIVE is False)."""
     art = WORK / slug(label)
-    t0 = time.perf_counter()
-    comp = run_json(["compress", "smollm2", "-o", str(art), "--method", method, "--target", "any", *CALIB, *extra,
-                     "--force", "--json"])
-    wall = time.perf_counter() - t0
-    ev = run_json(["eval", str(art), *EVAL, "--json"])
-    row = {"label": label, "method": method, "args": extra, "bpw": comp["bpw"], "ppl": ev["ppl"],
-           "compress_seconds": comp["timings"]["compress_seconds"], "wall_seconds": round(wall, 1),
-           "error_by_type": comp["error_by_type"], "tokens": ev["tokens"]}
-    cache.write_text(json.dumps(row, indent=1))
-    return row
+
+    def measure() -> dict:
+        t0 = time.perf_counter()
+        comp = run_json(["compress", "smollm2", "-o", str(art), "--method", method, "--target", "any", *CALIB,
+                         *extra, "--force", "--json"])
+        wall = time.perf_counter() - t0
+        ev = run_json(["eval", str(art), *EVAL, "--json"])
+        return {"label": label, "method": method, "args": extra, "bpw": comp["bpw"], "ppl": ev["ppl"],
+                "compress_seconds": comp["timings"]["compress_seconds"], "wall_seconds": round(wall, 1),
+                "error_by_type": comp["error_by_type"], "tokens": ev["tokens"]}
+
+    return cached(WORK / f"{slug(label)}.json", measure, live)
 
 
-def baseline() -> dict:
-    cache = WORK / "baseline.json"
-    if not cache.is_file():
+def baseline(live: bool = True) -> dict | None:
+    def measure() -> dict:
         ev = run_json(["eval", "smollm2", *EVAL, "--json"])
-        cache.write_text(json.dumps({"label": "uncompressed (Q4_1 GGUF, dequantized)", "ppl": ev["ppl"],
-                                     "tokens": ev["tokens"]}))
-    return json.loads(cache.read_text())
+        return {"label": "uncompressed (Q4_1 GGUF, dequantized)", "ppl": ev["ppl"], "tokens": ev["tokens"]}
+
+    return cached(WORK / "baseline.json", measure, live)
 
 
 def plot(rows: list[dict], base: dict, path: Path) -> None:
@@ -298,9 +296,9 @@ def main() -> None:
     base = baseline()
     rows = []
     for label, method, extra in POINTS:
-        if a.only_report and not (WORK / f"{slug(label)}.json").is_file():
+        row = point(label, method, extra, live=not a.only_report)
+        if row is None:
             continue
-        row = point(label, method, extra)
         print(f"{label:40s} bpw {row['bpw']:.3f} ppl {row['ppl']:.2f} ({row['compress_seconds']:.0f} s)", flush=True)
         rows.append(row)
     docs = REPO / "docs"

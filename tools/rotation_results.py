@@ -158,12 +158,11 @@ def main() -> None:
     for base, method, args in BASES:
         for kind in KINDS:
             name = label(base, kind)
-            cache = results.WORK / f"{results.slug(name)}.json"
-            if cache.is_file():
-                rows[base, kind] = json.loads(cache.read_text())
-            elif not a.only_report and base in a.bases and kind in a.kinds:
-                rows[base, kind] = results.point(name, method, [*args, *kind_args(kind)])
-    ref = results.baseline() if not a.only_report or (results.WORK / "baseline.json").is_file() else None
+            live = not a.only_report and base in a.bases and kind in a.kinds
+            row = results.point(name, method, [*args, *kind_args(kind)], live)
+            if row is not None:
+                rows[base, kind] = row
+    ref = results.baseline(live=not a.only_report)
     lines = ["## Rotations: a randomized Hadamard folded into the weights (SmolLM2-135M; Qwen2.5-Coder-1.5B)", "",
              "Regenerate: `.venv/bin/python tools/rotation_results.py` (points cached in .cache/results, shared with "
              "the compressor section). `--target any`; calibration on the first half of "
