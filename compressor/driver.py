@@ -15,7 +15,7 @@ import copy
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,156 +73,273 @@ def compress(
 
 def _compress(source: ModelSource, o: CompressOptions, out: Path, resume: bool, force: bool,
               progress: Progress | None, stop_after: int | None) -> CompressResult:
+    t_start = time.perf_counter()
+    run = _open(source, o, out, resume, force, progress)
+    budget, early = _check_targets(run)  # an unreachable size fails here, before any file is written
+    calib = _calibration(run)
+    if resume and (run.tmp / MANIFEST).is_file():  # stopped while finishing: merged tensors and manifest are complete
+        return CompressResult(out, _finish_stopped(run))
+    run.state = rundir.start_or_resume(run.tmp, run.state_file, run.o, resume, force)
+    _write_base(run)
+    x, ctxs, rot = _first_inputs(run, calib)
+    _settle_plans(run, budget, early, x, ctxs)
+    flow = _Flow.start(run, x, rot)
+    n_layers = run.source.config.num_hidden_layers
+    for i in range(n_layers):
+        _layer(run, flow, i, ctxs[i])
+        if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
+            raise KeyboardInterrupt
+    _write_head(run, flow)
+    return CompressResult(out, _finish(run, calib, time.perf_counter() - t_start))
+
+
+@dataclass
+class _Run:
+    """What one compress run fixed when it opened: the (rotated) source, the resolved options, the run directory,
+    the skeleton whose blocks are filled one at a time, and each linear's plan. STATE is the run state that
+    OUT.partial/state.json holds (empty until the run starts or resumes)."""
+
+    source: ModelSource
+    o: CompressOptions
+    out: Path
+    tmp: Path
+    device: torch.device
+    arch: archs.Arch
+    model: nn.Module
+    model_params: int
+    shapes: dict[str, tuple[int, int]]
+    plans: dict[str, LinearPlan]
+    vocab: emb.VocabPlan
+    progress: Progress | None
+    state: dict = field(default_factory=dict)
+
+    @property
+    def state_file(self) -> Path:
+        return self.tmp / "state.json"
+
+    def peak(self, where: str) -> None:
+        rundir.note_peak(self.state, where)
+
+    def save_state(self) -> None:
+        atomic_write_json(self.state_file, self.state)
+
+
+def _open(source: ModelSource, o: CompressOptions, out: Path, resume: bool, force: bool,
+          progress: Progress | None) -> _Run:
+    """Check OUT, apply the recipe and the rotations, build the skeleton and plan every linear."""
     tmp = partial_dir(out)
-    state_file = tmp / "state.json"
     if out.exists() and not force and not (resume and tmp.exists()):
         raise LrdError(f"{out} already exists; pass --force to overwrite it")
     if tmp.exists() and not (resume or force):
         raise LrdError(f"an unfinished run is in {tmp}; pass --resume to continue it or --force to start over")
     device = o.torch_device()
-    t_start = time.perf_counter()
-    config = source.config
-    o = recipe.apply(o, config.hidden_size)
-    arch = archs.get(config)
+    o = recipe.apply(o, source.config.hidden_size)
+    arch = archs.get(source.config)
     if o.rotate != "none":  # every tensor the run reads comes out rotated; the norms it folds read as ones
         source = rotate.RotatedSource(source, o.rotate, o.rotate_seed)
-        config = source.config
-    down_rot = rotate.InputRotation.for_down(config, o.rotate_seed) if o.rotate_down else None
+    down_rot = rotate.InputRotation.for_down(source.config, o.rotate_seed) if o.rotate_down else None
     if down_rot is not None:  # down_proj reads x·B: its weight comes out as W·B, the blocks rotate its input
         source = rotate.DownRotatedSource(source, down_rot)
-    model = skeleton(config)
+    model = skeleton(source.config)
     rotate.install_down(model, down_rot)
-    n_layers = config.num_hidden_layers
     model_params = sum(p.numel() for p in model.parameters())  # tied embeddings count once, as Lillama counts
     shapes: dict[str, tuple[int, int]] = {}
-    for i in range(n_layers):
+    for i in range(source.config.num_hidden_layers):
         block = model.model.layers[i]
         for name in arch.linears:
             m = block.get_submodule(name)
             shapes[layer_prefix(i) + name] = (m.out_features, m.in_features)
     step = ranks.rank_step(o)
     plans = {k: plan_linear(k, shp, o, rank=step if o.targeted else None) for k, shp in shapes.items()}
-    vocab = emb.plan_vocab(o.embed_type, o.output_type, config, source.has(emb.HEAD),
+    vocab = emb.plan_vocab(o.embed_type, o.output_type, source.config, source.has(emb.HEAD),
                            tuple(model.model.embed_tokens.weight.shape))
+    return _Run(source, o, out, tmp, device, arch, model, model_params, shapes, plans, vocab, progress)
+
+
+def _check_targets(run: _Run) -> tuple[dict | None, dict | None]:
+    """--mix-bpw's budget and --target-bpw's first allocation: each raises on a size the run cannot reach."""
+    o = run.o
+    budget = _mix_budget(run) if o.mix_bpw is not None else None
     early = None
-    budget = _mix_budget(source, o, model, model_params, plans, shapes, vocab) if o.mix_bpw is not None else None
-    if o.targeted:  # an unreachable target fails here, before any file is written
+    if o.targeted:
         first = o if o.allocation != "error" else replace(o, allocation="uniform")
-        early = ranks.allocation_record(first, plans, shapes, model_params, None)
+        early = ranks.allocation_record(first, run.plans, run.shapes, run.model_params, None)
+    return budget, early
 
-    tokenizer = source.tokenizer()
-    ids = tokenize(tokenizer, load_text(o.calib, o.calib_range))
-    if len(ids) and int(ids.max()) >= config.vocab_size:
+
+def _calibration(run: _Run) -> torch.Tensor:
+    """The calibration sequences, token ids on the run's device."""
+    o, source = run.o, run.source
+    ids = tokenize(source.tokenizer(), load_text(o.calib, o.calib_range))
+    vocab_size = source.config.vocab_size
+    if len(ids) and int(ids.max()) >= vocab_size:
         raise LrdError(f"the tokenizer of {source.spec} yields id {int(ids.max())}, but the model has only "
-                       f"{config.vocab_size} embeddings: tokenizer and weights do not belong together")
-    calib = calibration_ids(ids, o.calib_tokens, o.seq_len, o.seed).to(device)
-    if resume and (tmp / MANIFEST).is_file():  # stopped while finishing: merged tensors and manifest are complete
-        import json
+                       f"{vocab_size} embeddings: tokenizer and weights do not belong together")
+    return calibration_ids(ids, o.calib_tokens, o.seq_len, o.seed).to(run.device)
 
-        if json.loads((tmp / MANIFEST).read_text()).get("options") != o.to_json():
-            raise LrdError(f"cannot resume {tmp}: it was started with other options; pass --force to start over")
-        return CompressResult(out, rundir.finalize(tmp, out))
-    state = rundir.start_or_resume(tmp, state_file, o, resume, force)
-    if state["layers_done"] == 0 and not (tmp / "base.safetensors").exists():
+
+def _finish_stopped(run: _Run) -> dict:
+    """Resume a run that stopped after writing its manifest: only the move to OUT is left."""
+    import json
+
+    if json.loads((run.tmp / MANIFEST).read_text()).get("options") != run.o.to_json():
+        raise LrdError(f"cannot resume {run.tmp}: it was started with other options; pass --force to start over")
+    return rundir.finalize(run.tmp, run.out)
+
+
+def _write_base(run: _Run) -> None:
+    """A new run's first shard: the source's metadata, the embedding and (unless it waits) the head."""
+    source, tmp = run.source, run.tmp
+    if run.state["layers_done"] == 0 and not (tmp / "base.safetensors").exists():
         source.save_meta(tmp)
-        if vocab.untie:
+        if run.vocab.untie:
             emb.untie_config(tmp / "config.json")
-        rundir.save_vocab(tmp / "base.safetensors", _base_tensors(source, vocab), state, state_file)
-        rundir.note_peak(state, "embedding and head")
+        rundir.save_vocab(tmp / "base.safetensors", _base_tensors(source, run.vocab), run.state, run.state_file)
+        run.peak("embedding and head")
 
-    get = source.tensor
-    x = source.rows(emb.EMBED, calib).to(device)  # only the calibration ids' rows: the table is never built
-    scale = embed_scale(config)
+
+def _first_inputs(run: _Run, calib: torch.Tensor) -> tuple[torch.Tensor, BlockContext, nn.Module]:
+    """The first block's inputs (the calibration ids' embedding rows: the table is never built), each block's
+    context (masks, positions, RoPE) and the rotary embedding they share. The skeleton drops its embedding."""
+    model = run.model
+    x = run.source.rows(emb.EMBED, calib).to(run.device)
+    scale = embed_scale(run.source.config)
     if scale is not None:
         x = x * scale
     model.model.embed_tokens = None  # only one block stays resident
-    rot = rotary(model, device)
-    ctxs = BlockContext(model, x[: o.batch_size], rot)
+    rot = rotary(model, run.device)
+    return x, BlockContext(model, x[: run.o.batch_size], rot), rot
+
+
+def _settle_plans(run: _Run, budget: dict | None, early: dict | None, x: torch.Tensor, ctxs: BlockContext) -> None:
+    """--target-bpw's ranks and --mix-bpw's formats, decided once and kept in the run state (a resumed run reads
+    them back)."""
+    o, state, shapes = run.o, run.state, run.shapes
     if o.targeted:
-        if "allocation" not in state:  # decided once; a resumed run reads it back
+        if "allocation" not in state:
             if o.allocation == "error":
-                curves = ranks.error_curves(model, arch, plans, o, x, ctxs, get, device)
-                early = ranks.allocation_record(o, plans, shapes, model_params, curves)
+                curves = ranks.error_curves(run.model, run.arch, run.plans, o, x, ctxs, run.source.tensor, run.device)
+                early = ranks.allocation_record(o, run.plans, shapes, run.model_params, curves)
             state["allocation"] = early
-            atomic_write_json(state_file, state)
+            run.save_state()
         allocated = state["allocation"]["ranks"]
-        plans = {k: plan_linear(k, shp, o, rank=allocated[k]) for k, shp in shapes.items()}
+        run.plans = {k: plan_linear(k, shp, o, rank=allocated[k]) for k, shp in shapes.items()}
     if o.mix_bpw is not None:
-        if "mix" not in state:  # measured once; a resumed run reads the formats back
+        if "mix" not in state:
             t_mix = time.perf_counter()
-            state["mix"] = _mix(source, o, model, arch, plans, shapes, budget, x, ctxs, device, progress)
+            state["mix"] = _mix(run, budget, x, ctxs)
             rundir.add_seconds(state, "sensitivity", time.perf_counter() - t_mix)
-            atomic_write_json(state_file, state)
-            rundir.note_peak(state, "sensitivity pass")
+            run.save_state()
+            run.peak("sensitivity pass")
             release_freed_memory()  # the pass's blocks and activations: the main pass's peak must not sit on them
         formats = state["mix"]["formats"]
-        plans = {k: plan_linear(k, shp, o, rank=plans[k].rank, q_format=formats[k]) for k, shp in shapes.items()}
-    modes = o.distill_modes()
-    teacher_x = x if o.inputs == "teacher" or modes else None
-    student_x = x if o.inputs == "student" or "student" in modes else None
-    dctxs = BlockContext(model, x[: min(o.distill_batch, len(x))], rot) if modes else None
-    steps = o.distill_steps if o.distill_epochs is None else dst.steps_for(o.distill_epochs, len(x), o.distill_batch)
+        run.plans = {k: plan_linear(k, shp, o, rank=run.plans[k].rank, q_format=formats[k])
+                     for k, shp in shapes.items()}
 
-    y = None
-    for i in range(n_layers):
-        prefix = layer_prefix(i)
-        ctx = ctxs[i]
-        teacher = materialize(model.model.layers[i], prefix, get, device)
-        shard = tmp / "layers" / f"{i:04d}.safetensors"
-        if i >= state["layers_done"]:
-            t0 = time.perf_counter()
-            stages = state.setdefault("stage_seconds", {})
-            tensors, entries, parts = _compress_block(
-                teacher, arch, prefix, plans, o, student_x if o.inputs == "student" else None,
-                teacher_x if o.inputs == "teacher" else None, ctx, progress, stages,
-                lambda where: rundir.note_peak(state, where))
-            records = {k: v.to_json() for k, v in entries.items()}
-            if modes:
-                y = run_block(teacher, teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
-                report = dst.distill_block(teacher, prefix, parts, tensors, records, o, teacher_x, student_x, y, ctx,
-                                        dctxs[i], steps, i)
-                state.setdefault("distill", []).append(report)
-                rundir.note_peak(state, f"{prefix}: distillation")
-            rundir.save_shard(shard, tensors, teacher, prefix, arch)
-            del tensors, parts  # block i's damped H (321 MB for an 8960-wide down_proj) must not meet block i+1's
-            state["linears"].update(records)
-            state["layers_done"] = i + 1
-            state["seconds"] += time.perf_counter() - t0
-            atomic_write_json(state_file, state)
-        elif progress:
-            for name in arch.linears:
-                progress(f"layer {i} {name} (resumed)")
-        if student_x is not None:
+
+@dataclass
+class _Flow:
+    """The activations that climb the blocks: the original blocks' (TEACHER_X) and the compressed blocks'
+    (STUDENT_X), each kept only when the run reads it, plus distillation's batch contexts and step count."""
+
+    teacher_x: torch.Tensor | None
+    student_x: torch.Tensor | None
+    modes: list[str]
+    dctxs: BlockContext | None
+    steps: int
+
+    @classmethod
+    def start(cls, run: _Run, x: torch.Tensor, rot: nn.Module) -> _Flow:
+        o = run.o
+        modes = o.distill_modes()
+        steps = o.distill_steps if o.distill_epochs is None else dst.steps_for(o.distill_epochs, len(x),
+                                                                                 o.distill_batch)
+        return cls(
+            teacher_x=x if o.inputs == "teacher" or modes else None,
+            student_x=x if o.inputs == "student" or "student" in modes else None,
+            modes=modes,
+            dctxs=BlockContext(run.model, x[: min(o.distill_batch, len(x))], rot) if modes else None,
+            steps=steps,
+        )
+
+    def climb(self, run: _Run, teacher: nn.Module, prefix: str, shard: Path, ctx: dict,
+              y: torch.Tensor | None) -> None:
+        """Both streams through block PREFIX: the student's through the block just written (read back from its
+        SHARD), the teacher's through the original block (Y when distillation already computed it)."""
+        if self.student_x is not None:
             t1 = time.perf_counter()
-            student = rundir.student_block(teacher, prefix, shard, state["linears"], device)
-            student_x = run_block(student, student_x, ctx, o.batch_size)
+            student = rundir.student_block(teacher, prefix, shard, run.state["linears"], run.device)
+            self.student_x = run_block(student, self.student_x, ctx, run.o.batch_size)
             del student
-            rundir.add_seconds(state, "student_forward", time.perf_counter() - t1)
-            rundir.note_peak(state, f"{prefix}: compressed block's forward")
+            rundir.add_seconds(run.state, "student_forward", time.perf_counter() - t1)
+            run.peak(f"{prefix}: compressed block's forward")
         if y is not None:
-            teacher_x, y = y, None
-        elif teacher_x is not None:
-            teacher_x = run_block(teacher, teacher_x, ctx, o.batch_size)
-            rundir.note_peak(state, f"{prefix}: original block's forward")
-        model.model.layers[i] = None  # drop the block: peak memory must not grow with depth
-        del teacher
-        if stop_after is not None and i + 1 >= stop_after and i + 1 < n_layers:
-            raise KeyboardInterrupt
-    if vocab.head_needs_inputs:  # the head's inputs are the final hidden states after the final norm
-        norm = materialize(model.model.norm, "model.norm.", get, device)
-        importance = emb.input_importance(norm, student_x if student_x is not None else teacher_x, o.batch_size)
-        head = emb.encode(source, vocab.head_from, vocab.head, vocab.shape, importance)
-        rundir.note_peak(state, "head with its input importance")
-        rundir.save_vocab(tmp / "head.safetensors", {emb.HEAD: head}, state, state_file)
-    manifest = _finish(source, o, tmp, out, state, calib, time.perf_counter() - t_start, device)
-    return CompressResult(out, manifest)
+            self.teacher_x = y
+        elif self.teacher_x is not None:
+            self.teacher_x = run_block(teacher, self.teacher_x, ctx, run.o.batch_size)
+            run.peak(f"{prefix}: original block's forward")
 
 
-def _mix_budget(source: ModelSource, o: CompressOptions, model: nn.Module, model_params: int,
-                plans: dict[str, LinearPlan], shapes: dict[str, tuple[int, int]], vocab: emb.VocabPlan) -> dict:
+def _layer(run: _Run, flow: _Flow, i: int, ctx: dict) -> None:
+    """Block I: compress and write it unless a resumed run already did, move the streams up through it, drop it."""
+    prefix = layer_prefix(i)
+    teacher = materialize(run.model.model.layers[i], prefix, run.source.tensor, run.device)
+    shard = run.tmp / "layers" / f"{i:04d}.safetensors"
+    y = None
+    if i >= run.state["layers_done"]:
+        y = _write_layer(run, flow, i, teacher, ctx, shard)
+    elif run.progress:
+        for name in run.arch.linears:
+            run.progress(f"layer {i} {name} (resumed)")
+    flow.climb(run, teacher, prefix, shard, ctx, y)
+    run.model.model.layers[i] = None  # drop the block: peak memory must not grow with depth
+    del teacher
+
+
+def _write_layer(run: _Run, flow: _Flow, i: int, teacher: nn.Module, ctx: dict, shard: Path) -> torch.Tensor | None:
+    """Collect H, decompose, distill when asked, write block I's shard and record it in the run state. Returns the
+    teacher block's outputs when distillation computed them (the next block's teacher inputs)."""
+    o, state, prefix = run.o, run.state, layer_prefix(i)
+    t0 = time.perf_counter()
+    stages = state.setdefault("stage_seconds", {})
+    tensors, entries, parts = _compress_block(
+        teacher, run.arch, prefix, run.plans, o, flow.student_x if o.inputs == "student" else None,
+        flow.teacher_x if o.inputs == "teacher" else None, ctx, run.progress, stages, run.peak)
+    records = {k: v.to_json() for k, v in entries.items()}
+    y = None
+    if flow.modes:
+        y = run_block(teacher, flow.teacher_x, ctx, o.batch_size)  # the targets, and the next teacher input
+        report = dst.distill_block(teacher, prefix, parts, tensors, records, o, flow.teacher_x, flow.student_x, y,
+                                   ctx, flow.dctxs[i], flow.steps, i)
+        state.setdefault("distill", []).append(report)
+        run.peak(f"{prefix}: distillation")
+    rundir.save_shard(shard, tensors, teacher, prefix, run.arch)
+    del tensors, parts  # block i's damped H (321 MB for an 8960-wide down_proj) must not meet block i+1's
+    state["linears"].update(records)
+    state["layers_done"] = i + 1
+    state["seconds"] += time.perf_counter() - t0
+    run.save_state()
+    return y
+
+
+def _write_head(run: _Run, flow: _Flow) -> None:
+    """The head, when its format weighs columns by its inputs: the final hidden states after the final norm."""
+    if not run.vocab.head_needs_inputs:
+        return
+    source, vocab = run.source, run.vocab
+    norm = materialize(run.model.model.norm, "model.norm.", source.tensor, run.device)
+    importance = emb.input_importance(norm, flow.student_x if flow.student_x is not None else flow.teacher_x,
+                                      run.o.batch_size)
+    head = emb.encode(source, vocab.head_from, vocab.head, vocab.shape, importance)
+    run.peak("head with its input importance")
+    rundir.save_vocab(run.tmp / "head.safetensors", {emb.HEAD: head}, run.state, run.state_file)
+
+
+def _mix_budget(run: _Run) -> dict:
     """--mix-bpw's budget, checked before any file is written: the whole file's bytes less what the mix does not
     choose (embedding and head in their formats, norms and biases in float32, L·R), over the weights as
-    llama-quantize counts a file (MODEL_PARAMS, a tied embedding once, plus a head stored apart)."""
+    llama-quantize counts a file (the model's parameters, a tied embedding once, plus a head stored apart)."""
+    source, o, model, plans, shapes, vocab = run.source, run.o, run.model, run.plans, run.shapes, run.vocab
     rows, cols = vocab.shape
     fixed = sum(_vocab_bytes(source, fmt, name, vocab.shape) for fmt, name in
                 ((vocab.embed, emb.EMBED), (vocab.head, vocab.head_from)) if fmt is not None)
@@ -237,7 +354,7 @@ def _mix_budget(source: ModelSource, o: CompressOptions, model: nn.Module, model
         if plans[k].rank:
             fixed += plans[k].rank * (out + in_) * ranks.bytes_per_weight(plans[k].lr_format)
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    weights = model_params + (rows * cols if tied and vocab.head is not None else 0)
+    weights = run.model_params + (rows * cols if tied and vocab.head is not None else 0)
     least = 8 * (fixed + sum(mix.q_bytes(shapes[k], p.q_format) for k, p in plans.items())) / weights
     if o.mix_bpw < least:
         raise LrdError(f"--mix-bpw {o.mix_bpw} is below the smallest file the run's starting formats make "
@@ -246,15 +363,14 @@ def _mix_budget(source: ModelSource, o: CompressOptions, model: nn.Module, model
     return {"weights": weights, "fixed": fixed, "linears": o.mix_bpw * weights / 8 - fixed}
 
 
-def _mix(source: ModelSource, o: CompressOptions, model: nn.Module, arch: archs.Arch, plans: dict[str, LinearPlan],
-         shapes: dict[str, tuple[int, int]], budget: dict, x: torch.Tensor, ctxs: BlockContext, device: torch.device,
-         progress: Progress | None) -> dict:
+def _mix(run: _Run, budget: dict, x: torch.Tensor, ctxs: BlockContext) -> dict:
     """--mix-bpw: the Q format of every linear, from a sensitivity pass of the teacher (compressor/mix.py)."""
-    start = {k: p.q_format for k, p in plans.items()}
+    start = {k: p.q_format for k, p in run.plans.items()}
     sx = x[: mix.SEQUENCES]
-    sens = mix.sensitivity(model, arch, start, sx, ctxs, source.tensor, device, o.batch_size, progress)
-    chosen = mix.allocate(start, shapes, sens, budget["linears"])
-    return mix.record(o.mix_bpw, budget["weights"], budget["fixed"], chosen, shapes, sens, start,
+    sens = mix.sensitivity(run.model, run.arch, start, sx, ctxs, run.source.tensor, run.device, run.o.batch_size,
+                           run.progress)
+    chosen = mix.allocate(start, run.shapes, sens, budget["linears"])
+    return mix.record(run.o.mix_bpw, budget["weights"], budget["fixed"], chosen, run.shapes, sens, start,
                       int(sx.shape[0] * sx.shape[1]))
 
 
@@ -356,8 +472,9 @@ def _swap(block: nn.Module, name: str, d: dec.Decomposition, bias: torch.Tensor 
     setattr(parent, child, rotate.carry(getattr(parent, child), qlr))
 
 
-def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state: dict, calib: torch.Tensor,
-            seconds: float, device: torch.device) -> dict:
+def _finish(run: _Run, calib: torch.Tensor, seconds: float) -> dict:
+    """Merge the shards into model.safetensors, write the manifest and move OUT.partial to OUT."""
+    source, o, tmp, state, device = run.source, run.o, run.tmp, run.state, run.device
     shards = [tmp / "base.safetensors"] + sorted((tmp / "layers").glob("*.safetensors"))
     shards += [f for f in (tmp / "head.safetensors",) if f.is_file()]
     merge_safetensors(tmp / WEIGHTS, shards)
@@ -396,7 +513,7 @@ def _finish(source: ModelSource, o: CompressOptions, tmp: Path, out: Path, state
         "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
     }
     atomic_write_json(tmp / MANIFEST, manifest)
-    return rundir.finalize(tmp, out)
+    return rundir.finalize(tmp, run.out)
 
 
 def _refine_records(o: CompressOptions, state: dict) -> dict:
