@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lrdeploy.compressor import grids, lattice
-from lrdeploy.compressor.grids import Grid
+from lrdeploy.compressor.format import Format
 
 LR_FORMATS = ("f16", "q8_0", "q4_0")
 
@@ -125,25 +125,24 @@ def cast_f16(W: Tensor) -> Quantized:
     return Quantized(W.half().float(), None, "f16")
 
 
-def rtn(W: Tensor, grid: Grid | lattice.Lattice, importance: Tensor | None = None) -> Quantized:
+def rtn(W: Tensor, grid: Format, importance: Tensor | None = None) -> Quantized:
     """Round to nearest with importance-weighted scale search: the baseline LDLQ must beat."""
-    values, raw = grids.quantize_rtn(grid, W.float(), importance)
+    values, raw = grid.quantize_rtn(W.float(), importance)
     return Quantized(values, raw, grid.name)
 
 
-def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int = 128) -> Quantized:
+def ldlq(W: Tensor, fac: HessianFactor, grid: Format, lazy: int = 128) -> Quantized:
     """LDLQ / GPTQ: round one column at a time and feed its error forward through chol(H⁻¹).
 
     Block scales are chosen when the block's first column is reached, from the error-updated weights; the
     super-block scales (d, dmin) come from the weights before rounding. The error goes forward in three tiers, as
     GPTQ's lazy batch updates do: column by column inside a block, one matrix product per block into the rest of
     its panel of LAZY columns, one per panel into the rest of the matrix. Each panel is held transposed, so every
-    per-column step reads and writes contiguous rows. The i-quants take block LDLQ (`lattice.ldlq`): a codeword
-    spans 8 columns, so 8 are rounded at once and their error fed forward together.
+    per-column step reads and writes contiguous rows. The i-quants take `block_ldlq`: a codeword spans 8 columns,
+    so 8 are rounded at once and their error fed forward together.
     """
-    if isinstance(grid, lattice.Lattice):
-        values, raw = lattice.ldlq(W, fac.H, fac.U, grid, lazy)
-        return Quantized(values, raw, grid.name)
+    if grid.block_ldlq:
+        return block_ldlq(W, fac, grid, lazy)
     W = W.float().clone()
     out, n = W.shape
     B, SB = grid.block, grid.super_block
@@ -176,6 +175,51 @@ def ldlq(W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, lazy: int 
     codes = (levels.T + grid.zero).to(torch.uint8)
     raw = grids.pack(grid, codes.reshape(-1, SB), block_codes.reshape(-1, 2), sup)
     return Quantized(Q.T.contiguous(), raw, grid.name)
+
+
+def block_ldlq(W: Tensor, fac: HessianFactor, grid: lattice.Lattice, lazy: int = 128) -> Quantized:
+    """Block LDLQ: round `group` columns at a time and feed their error forward through chol(H⁻¹) = U.
+
+    For a group G with error Δ (the current weights minus their rounding), the weights after it are corrected by
+    E·U[G, after] with E = Δ·U[G, G]⁻¹, the optimal compensation for the group's error under H (GPTQ's update with
+    a block of columns in place of one). Codewords are searched with per-weight importance diag(U[G,G]ᵀU[G,G])⁻¹,
+    the diagonal of the metric that error is scored in. Sub-scales are chosen as each sub-block is reached, from
+    the error-updated weights weighted by diag(H); d from the weights before rounding.
+    """
+    lattice.check(grid, W)
+    H, U = fac.H, fac.U
+    W = W.to(torch.float32).clone()
+    out, n = W.shape
+    G, B = grid.group, grid.block
+    lazy = max(B, lazy - lazy % B)
+    diag = torch.diagonal(H).to(torch.float32)
+    sc = lattice.fit_scales(grid, W, diag)
+    codes = lattice.Codes.empty(grid, out, n, sc.d)
+    Q = torch.empty_like(W)
+    Ub = U.unfold(0, G, G).unfold(1, G, G).diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [n/G, G, G] diagonal blocks
+    Ub_inv = torch.linalg.solve_triangular(Ub, torch.eye(G).expand_as(Ub), upper=True)
+    metric = torch.diagonal(Ub_inv @ Ub_inv.transpose(1, 2), dim1=1, dim2=2)  # diag((U_GGᵀ U_GG)⁻¹)
+    a = torch.empty(0)
+    for i1 in range(0, n, lazy):
+        i2 = min(i1 + lazy, n)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for g in range(0, i2 - i1, G):
+            j = i1 + g
+            if j % B == 0:
+                a, s = lattice.choose_scale(grid, W1[:, g : g + B], sc.d[:, j // grid.super_block],
+                                            sc.s[:, j // B], diag[j : j + B])
+                codes.put_scale(grid, j, a, s)
+            r = lattice.round_group(grid, W1[:, g : g + G], a, metric[j // G])
+            codes.put(grid, j, r)
+            q = a.unsqueeze(-1) * r.q
+            Q[:, j : j + G] = q
+            E = (W1[:, g : g + G] - q) @ Ub_inv[j // G]
+            W1[:, g + G :] -= E @ U1[g : g + G, g + G :]
+            E1[:, g : g + G] = E
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return Quantized(Q, lattice.pack(grid, codes), grid.name)
 
 
 def quantize_factor(M: Tensor, fmt: str, importance: Tensor | None = None) -> Quantized:
@@ -267,7 +311,7 @@ class Decomposition:
 
 
 def caldera(
-    W: Tensor, fac: HessianFactor, grid: Grid | lattice.Lattice, rank: int, lr_format: str, iters: int, lplr_iters: int
+    W: Tensor, fac: HessianFactor, grid: Format, rank: int, lr_format: str, iters: int, lplr_iters: int
 ) -> Decomposition:
     """CALDERA: from L·R = 0 alternate Q ← LDLQ(W − L·R) and (L, R) ← LPLR(W − Q); keep the best iterate."""
     W = W.float()

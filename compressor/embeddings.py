@@ -64,7 +64,7 @@ def plan_vocab(embed_type: str | None, output_type: str | None, config, has_head
         stored_head = None  # one tensor serves both (a source that stores its tied head anyway keeps it, as before)
     for name, fmt, flag in ((EMBED, embed, "--embed-type"), (HEAD, stored_head, "--output-type")):
         if fmt in grids.GRIDS:
-            reason = grids.fits(grids.get_grid(fmt), shape, per_row=True)
+            reason = grids.get_grid(fmt).fits(shape, per_row=True)
             if reason is not None:
                 raise LrdError(f"{name} {shape[0]}x{shape[1]}: {reason}, so {flag} {fmt} does not fit; choose a "
                                "format whose blocks fit the rows (q4_0/q8_0/iq4_nl: rows % 32, K- and i-quants: "
@@ -92,7 +92,7 @@ class Stored:
 
 def quantize_rows(grid: grids.Grid, chunks: Iterable[Tensor], importance: Tensor | None = None) -> Tensor:
     """RTN bytes of a matrix given as row chunks; each row holds whole super-blocks, so this equals one call."""
-    return torch.cat([grids.quantize_rtn(grid, w, importance)[1] for w in chunks])
+    return torch.cat([grid.quantize_rtn(w, importance)[1] for w in chunks])
 
 
 def input_importance(norm: nn.Module, x: Tensor, batch: int) -> Tensor:

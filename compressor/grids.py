@@ -18,6 +18,7 @@ Conventions shared by all stages:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lrdeploy.compressor import lattice
+from lrdeploy.compressor.format import Format
 from lrdeploy.compressor.fp16 import bytes_half as _bytes_half
 from lrdeploy.compressor.fp16 import fp16_bits as _fp16_bits
 from lrdeploy.compressor.fp16 import fp16_neighbours as _fp16_neighbours
@@ -42,20 +44,18 @@ __all__ = [
     "fit_and_round",
     "fit_block",
     "fit_super",
-    "fits",
     "get_grid",
     "pack",
     "parse_blocks",
-    "quantize_rtn",
     "round_codes",
     "super_index",
-    "unpack",
 ]
 
 
 @dataclass(frozen=True)
-class Grid(lattice.Sizes):
-    """Static description of one ggml block format; fields mirror ggml's own constants."""
+class Grid(Format):
+    """One K-quant or legacy ggml format (integer codes under a block scale and offset); fields mirror ggml's own
+    constants. The family's per-format parts are its rows in GRIDS, _SEARCH and _LAYOUT (packer and parser)."""
 
     name: str
     block: int
@@ -64,21 +64,48 @@ class Grid(lattice.Sizes):
     qmax: int
     zero: int
     ggml_type: gguf.GGMLQuantizationType
+    scale_fields: tuple[int, ...]  # see Format
+    nbits: tuple[int, int, bool] | None  # see Format
 
     @property
     def affine(self) -> bool:
         """Whether blocks carry a non-zero offset (a stored minimum)."""
         return self.zero == 0
 
+    def fits(self, shape: tuple[int, ...] | torch.Size, per_row: bool = True) -> str | None:
+        """Without PER_ROW a block may span rows (the flattened layout the artifact stores); the weight count must
+        still fill whole super-blocks."""
+        if len(shape) != 2:
+            return f"expected a 2-D weight, got shape {tuple(shape)}"
+        out, in_ = int(shape[0]), int(shape[1])
+        if in_ % self.block:
+            return f"row length {in_} is not a multiple of {self.block}"
+        if per_row and in_ % self.super_block:
+            return f"row length {in_} is not a multiple of {self.super_block}"
+        if (out * in_) % self.super_block:
+            return f"{out}x{in_} = {out * in_} weights is not a multiple of {self.super_block}"
+        return None
 
-GRIDS: dict[str, Grid] = {
-    "q2_k": Grid("q2_k", 16, 256, 84, 3, 0, gguf.GGMLQuantizationType.Q2_K),
-    "q3_k": Grid("q3_k", 16, 256, 110, 7, 4, gguf.GGMLQuantizationType.Q3_K),
-    "q4_k": Grid("q4_k", 32, 256, 144, 15, 0, gguf.GGMLQuantizationType.Q4_K),
-    "q4_0": Grid("q4_0", 32, 32, 18, 15, 8, gguf.GGMLQuantizationType.Q4_0),
-    "q8_0": Grid("q8_0", 32, 32, 34, 254, 127, gguf.GGMLQuantizationType.Q8_0),
+    def quantize_rtn(self, W: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18) -> tuple[Tensor, Tensor]:
+        """In the flattened layout; `chunk` (weights per step) trades memory for speed."""
+        return _quantize_rtn(self, W, importance, chunk)
+
+    def unpack(self, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Our own dequantizer of ggml bytes (flattened layout)."""
+        codes, scale, offset = parse_blocks(self, raw)
+        return dequant(self, codes, scale, offset).reshape(shape)
+
+
+_T = gguf.GGMLQuantizationType
+GRIDS: dict[str, Format] = {
+    # name: block, super-block, bytes, qmax, zero, type, fp16 scales' offsets, MatMulNBits (bits, shift, affine)
+    "q2_k": Grid("q2_k", 16, 256, 84, 3, 0, _T.Q2_K, (80, 82), (4, 8, True)),
+    "q3_k": Grid("q3_k", 16, 256, 110, 7, 4, _T.Q3_K, (108,), (4, 4, False)),
+    "q4_k": Grid("q4_k", 32, 256, 144, 15, 0, _T.Q4_K, (0, 2), (4, 0, True)),
+    "q4_0": Grid("q4_0", 32, 32, 18, 15, 8, _T.Q4_0, (0,), (4, 0, False)),
+    "q8_0": Grid("q8_0", 32, 32, 34, 254, 127, _T.Q8_0, (0,), (8, 1, False)),
 }
-# llama.cpp's i-quants (codebooks and non-uniform levels) live in lattice.py; the functions here dispatch to it
+# llama.cpp's i-quants (codebooks and non-uniform levels) are the other family, in lattice.py
 GRIDS.update(lattice.LATTICES)
 
 
@@ -91,6 +118,7 @@ class _Search:
     sub_bias: int  # stored sub-scale = integer scale + sub_bias
     min_hi: int  # largest stored sub-min (0: no offset)
     steps: tuple[float, ...]  # real-fit candidates (see _real_affine / _real_symmetric)
+    ref: Callable[[Tensor], Tensor] | None = None  # ggml's reference d from the largest-magnitude weight, always tried
 
 
 def _span(lo: float, hi: float, n: int) -> tuple[float, ...]:
@@ -104,9 +132,9 @@ _SEARCH = MappingProxyType(
         "q4_k": _Search(0, 63, 0, 63, _span(-1.0, 1.0, 9)),
         # symmetric: the largest-magnitude weight is put at level `step` (negative: the wide side)
         "q3_k": _Search(-32, 31, 32, 0, _span(-4.6, -3.4, 4) + _span(2.6, 3.4, 3)),
-        "q4_0": _Search(0, 0, 0, 0, _span(-8.8, -7.2, 9) + _span(6.6, 7.4, 5)),
+        "q4_0": _Search(0, 0, 0, 0, _span(-8.8, -7.2, 9) + _span(6.6, 7.4, 5), lambda wmax: wmax / -8.0),
         # many nearby scales: with 255 levels the best is a lucky alignment, not a clipping trade-off
-        "q8_0": _Search(0, 0, 0, 0, _span(-132.0, -122.0, 11)),
+        "q8_0": _Search(0, 0, 0, 0, _span(-132.0, -122.0, 11), lambda wmax: wmax.abs() / 127.0),
     }
 )
 
@@ -132,29 +160,12 @@ class _Real:
     ref: Tensor  # [m] q4_0/q8_0: the reference quantizer's d (always tried), else unused
 
 
-def get_grid(name: str) -> Grid | lattice.Lattice:
+def get_grid(name: str) -> Format:
     """Look a format up by name, failing with the list of valid names."""
     grid = GRIDS.get(name.lower())
     if grid is None:
         raise ValueError(f"unknown format {name!r}; choose one of {', '.join(GRIDS)}")
     return grid
-
-
-def fits(grid: Grid | lattice.Lattice, shape: tuple[int, ...] | torch.Size, per_row: bool) -> str | None:
-    """None if a matrix of `shape` can use `grid`; otherwise a short reason. per_row demands ggml's row layout
-    (which i-quants always demand)."""
-    if isinstance(grid, lattice.Lattice):
-        return lattice.fits(grid, shape)
-    if len(shape) != 2:
-        return f"expected a 2-D weight, got shape {tuple(shape)}"
-    out, in_ = int(shape[0]), int(shape[1])
-    if in_ % grid.block:
-        return f"row length {in_} is not a multiple of {grid.block}"
-    if per_row and in_ % grid.super_block:
-        return f"row length {in_} is not a multiple of {grid.super_block}"
-    if (out * in_) % grid.super_block:
-        return f"{out}x{in_} = {out * in_} weights is not a multiple of {grid.super_block}"
-    return None
 
 
 def super_index(grid: Grid, out: int, in_: int, col: int, device: torch.device | str | None = None) -> Tensor:
@@ -273,19 +284,14 @@ def _real_symmetric(grid: Grid, w: Tensor, x: Tensor | None) -> _Real:
     lo, hi = _levels(grid)
     idx = w.abs().argmax(-1, keepdim=True)
     wmax = w.gather(-1, idx).squeeze(-1)
-    amax = wmax.abs()
     zeros = torch.zeros_like(wmax)
     best = lattice.BestScale.start(wmax)
-    steps = torch.tensor(_SEARCH[grid.name].steps, dtype=torch.float32, device=w.device)
+    spec = _SEARCH[grid.name]
+    steps = torch.tensor(spec.steps, dtype=torch.float32, device=w.device)
     a = (wmax / steps.unsqueeze(-1)).unsqueeze(-1)  # every step at once: [S, m, 1]
     safe = torch.where(a == 0, math.inf, a)
     best.offer(w, torch.round(w / safe).clamp_(lo, hi), x)
-    if grid.name == "q4_0":
-        ref = wmax / -8.0  # ggml's quantize_row_q4_0_ref
-    elif grid.name == "q8_0":
-        ref = amax / 127.0  # ggml's quantize_row_q8_0_ref
-    else:
-        ref = zeros
+    ref = zeros if spec.ref is None else spec.ref(wmax)  # ggml's quantize_row_q4_0_ref / quantize_row_q8_0_ref
     sx = torch.full_like(wmax, w.shape[-1]) if x is None else x.sum(-1)
     return _Real(best.a, zeros, best.h, sx, zeros, zeros, ref)
 
@@ -440,6 +446,105 @@ def _unpack_2bit(b: Tensor) -> Tensor:
     return ((b.view(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
 
 
+def _d_bytes(bc: Tensor) -> Tensor:
+    """q4_0/q8_0: the block's fp16 d, whose bit pattern BlockFit.codes carries, as two little-endian bytes."""
+    bits = bc[:, 0, 0]
+    return torch.stack([bits & 0xFF, bits >> 8], -1)
+
+
+def _super_bytes(sup: Tensor, i: int) -> Tensor:
+    return _half_bytes(sup[:, i].to(torch.float32))
+
+
+# Each packer takes codes [n, super_block], block codes [n, sub-blocks, 2] (int32) and sup [n, 2] (None for q4_0 and
+# q8_0) and returns the block's fields in byte order; each parser takes the blocks' bytes [n, type_size] and returns
+# (codes [n, super_block], sub-scales and sub-mins [n, sub-blocks], d and dmin [n]) with scale = d·sc, offset = dmin·m.
+
+
+def _pack_q4_0(c: Tensor, bc: Tensor, sup: Tensor | None) -> list[Tensor]:
+    return [_d_bytes(bc), c[:, :16] | (c[:, 16:] << 4)]
+
+
+def _pack_q8_0(c: Tensor, bc: Tensor, sup: Tensor | None) -> list[Tensor]:
+    return [_d_bytes(bc), (c - 127) & 0xFF]
+
+
+def _pack_q2_k(c: Tensor, bc: Tensor, sup: Tensor) -> list[Tensor]:
+    sc, mn = bc[..., 0], bc[..., 1]
+    return [sc | (mn << 4), _pack_2bit(c), _super_bytes(sup, 0), _super_bytes(sup, 1)]
+
+
+def _pack_q3_k(c: Tensor, bc: Tensor, sup: Tensor) -> list[Tensor]:
+    n, sc = c.shape[0], bc[..., 0]
+    hmask = ((c >> 2).view(n, 8, 32) << torch.arange(8, device=c.device, dtype=torch.int32).view(1, 8, 1)).sum(1)
+    low = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
+    high_shift = torch.tensor([0, 2, 4, 6], device=c.device, dtype=torch.int32).view(1, 4, 1)
+    high = (((sc >> 4) & 3).view(n, 4, 4) << high_shift).sum(1)
+    return [hmask, _pack_2bit(c & 3), low, high, _super_bytes(sup, 0)]
+
+
+def _pack_q4_k(c: Tensor, bc: Tensor, sup: Tensor) -> list[Tensor]:
+    n, sc, mn = c.shape[0], bc[..., 0], bc[..., 1]
+    s_lo = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    m_lo = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    both = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+    nib = c.view(n, 4, 2, 32)
+    qs = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(n, 128)
+    return [_super_bytes(sup, 0), _super_bytes(sup, 1), s_lo, m_lo, both, qs]
+
+
+_Parsed = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _no_sub(b: Tensor, bi: Tensor, codes: Tensor) -> _Parsed:
+    """q4_0/q8_0: one scale per block, d itself (sub-scale 1, no minimum)."""
+    one = torch.ones(b.shape[0], 1, dtype=torch.int32, device=b.device)
+    return codes, one, torch.zeros_like(one), _bytes_half(b[:, :2]), torch.zeros(b.shape[0], device=b.device)
+
+
+def _parse_q4_0(b: Tensor, bi: Tensor) -> _Parsed:
+    return _no_sub(b, bi, torch.cat([bi[:, 2:] & 15, bi[:, 2:] >> 4], -1))
+
+
+def _parse_q8_0(b: Tensor, bi: Tensor) -> _Parsed:
+    return _no_sub(b, bi, ((bi[:, 2:] + 128) & 0xFF) - 1)  # int8 x -> x + 127; ggml's -128 becomes -1 (as int32)
+
+
+def _parse_q2_k(b: Tensor, bi: Tensor) -> _Parsed:
+    d, dmin = _bytes_half(b[:, 80:82]), _bytes_half(b[:, 82:84])
+    return _unpack_2bit(bi[:, 16:80]), bi[:, :16] & 15, bi[:, :16] >> 4, d, dmin
+
+
+def _parse_q3_k(b: Tensor, bi: Tensor) -> _Parsed:
+    n = b.shape[0]
+    hbits = (bi[:, :32].view(n, 1, 32) >> torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)) & 1
+    codes = _unpack_2bit(bi[:, 32:96]) | (hbits.reshape(n, 256) << 2)
+    low = torch.cat([bi[:, 96:104] & 15, bi[:, 96:104] >> 4], -1)
+    high_shift = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 4, 1)
+    high = ((bi[:, 104:108].view(n, 1, 4) >> high_shift) & 3).reshape(n, 16)
+    sc = (low | (high << 4)) - 32
+    return codes, sc, torch.zeros_like(sc), _bytes_half(b[:, 108:110]), torch.zeros(n, device=b.device)
+
+
+def _parse_q4_k(b: Tensor, bi: Tensor) -> _Parsed:
+    n = b.shape[0]
+    s, m, md = bi[:, 4:8], bi[:, 8:12], bi[:, 12:16]
+    sc = torch.cat([s & 63, (md & 15) | ((s >> 2) & 48)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+    nib_shift = torch.tensor([0, 4], device=b.device, dtype=torch.int32).view(1, 1, 2, 1)
+    nib = bi[:, 16:144].view(n, 4, 1, 32) >> nib_shift
+    return (nib & 15).reshape(n, 256), sc, mn, _bytes_half(b[:, 0:2]), _bytes_half(b[:, 2:4])
+
+
+_LAYOUT = {
+    "q2_k": (_pack_q2_k, _parse_q2_k),
+    "q3_k": (_pack_q3_k, _parse_q3_k),
+    "q4_k": (_pack_q4_k, _parse_q4_k),
+    "q4_0": (_pack_q4_0, _parse_q4_0),
+    "q8_0": (_pack_q8_0, _parse_q8_0),
+}
+
+
 def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None, chunk: int = 1 << 20) -> Tensor:
     """ggml's exact bytes (1-D uint8, n_super*type_size) for codes[n_super, super_block] in flattened block order.
 
@@ -453,31 +558,8 @@ def pack(grid: Grid, codes: Tensor, block_codes: Tensor, sup: Tensor | None, chu
                                chunk) for i in range(0, n, step)])
     c = codes.to(torch.int32).reshape(n, grid.super_block)
     bc = block_codes.to(torch.int32).reshape(n, grid.super_block // grid.block, 2)
-    if grid.name in ("q4_0", "q8_0"):
-        bits = bc[:, 0, 0]
-        d = torch.stack([bits & 0xFF, bits >> 8], -1)
-        qs = (c[:, :16] | (c[:, 16:] << 4)) if grid.name == "q4_0" else (c - 127) & 0xFF
-        return torch.cat([d, qs], -1).to(torch.uint8).reshape(-1)
-    assert sup is not None, "K-quants need the super-level d/dmin"
-    d = _half_bytes(sup[:, 0].to(torch.float32))
-    dmin = _half_bytes(sup[:, 1].to(torch.float32))
-    sc, mn = bc[..., 0], bc[..., 1]
-    if grid.name == "q2_k":
-        scales = sc | (mn << 4)
-        parts = [scales, _pack_2bit(c), d, dmin]
-    elif grid.name == "q3_k":
-        hmask = ((c >> 2).view(n, 8, 32) << torch.arange(8, device=c.device, dtype=torch.int32).view(1, 8, 1)).sum(1)
-        low = (sc[:, :8] & 0xF) | ((sc[:, 8:] & 0xF) << 4)
-        high_shift = torch.tensor([0, 2, 4, 6], device=c.device, dtype=torch.int32).view(1, 4, 1)
-        high = (((sc >> 4) & 3).view(n, 4, 4) << high_shift).sum(1)
-        parts = [hmask, _pack_2bit(c & 3), low, high, d]
-    else:  # q4_k
-        s_lo = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
-        m_lo = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
-        both = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
-        nib = c.view(n, 4, 2, 32)
-        qs = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(n, 128)
-        parts = [d, dmin, s_lo, m_lo, both, qs]
+    assert sup is not None or not grid.has_super, "K-quants need the super-level d/dmin"
+    parts = _LAYOUT[grid.name][0](c, bc, sup)
     return torch.cat([p.to(torch.uint8) for p in parts], -1).reshape(-1)
 
 
@@ -485,63 +567,20 @@ def parse_blocks(grid: Grid, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Packed bytes -> (codes [n_blocks, block] int32, scale [n_blocks], offset [n_blocks]) as ggml computes them."""
     b = raw.to(torch.uint8).reshape(-1, grid.type_size)
     n = b.shape[0]
-    bi = b.to(torch.int32)
-    if grid.name in ("q4_0", "q8_0"):
-        d = _bytes_half(b[:, :2])
-        if grid.name == "q4_0":
-            codes = torch.cat([bi[:, 2:] & 15, bi[:, 2:] >> 4], -1)
-        else:
-            codes = ((bi[:, 2:] + 128) & 0xFF) - 1  # int8 x -> x + 127; ggml's -128 becomes -1 (kept as int32)
-        return codes, d, torch.zeros_like(d)
-    if grid.name == "q2_k":
-        sc, mn = bi[:, :16] & 15, bi[:, :16] >> 4
-        codes = _unpack_2bit(bi[:, 16:80])
-        d, dmin = _bytes_half(b[:, 80:82]), _bytes_half(b[:, 82:84])
-    elif grid.name == "q3_k":
-        hbits = (bi[:, :32].view(n, 1, 32) >> torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)) & 1
-        codes = _unpack_2bit(bi[:, 32:96]) | (hbits.reshape(n, 256) << 2)
-        low = torch.cat([bi[:, 96:104] & 15, bi[:, 96:104] >> 4], -1)
-        high_shift = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 4, 1)
-        high = ((bi[:, 104:108].view(n, 1, 4) >> high_shift) & 3).reshape(n, 16)
-        sc = (low | (high << 4)) - 32
-        mn = torch.zeros_like(sc)
-        d, dmin = _bytes_half(b[:, 108:110]), torch.zeros(n, device=b.device)
-    else:  # q4_k
-        d, dmin = _bytes_half(b[:, 0:2]), _bytes_half(b[:, 2:4])
-        s, m, md = bi[:, 4:8], bi[:, 8:12], bi[:, 12:16]
-        sc = torch.cat([s & 63, (md & 15) | ((s >> 2) & 48)], -1)
-        mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
-        nib_shift = torch.tensor([0, 4], device=b.device, dtype=torch.int32).view(1, 1, 2, 1)
-        nib = bi[:, 16:144].view(n, 4, 1, 32) >> nib_shift
-        codes = (nib & 15).reshape(n, 256)
+    codes, sc, mn, d, dmin = _LAYOUT[grid.name][1](b, b.to(torch.int32))
     n_sub = grid.super_block // grid.block
     scale = (d.unsqueeze(-1) * sc.to(torch.float32)).reshape(-1)
     offset = (dmin.unsqueeze(-1) * mn.to(torch.float32)).reshape(-1)
     return codes.reshape(n * n_sub, grid.block), scale, offset
 
 
-def unpack(grid: Grid | lattice.Lattice, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """Our own dequantizer of ggml bytes (flattened layout), bit-identical to gguf-py's."""
-    if isinstance(grid, lattice.Lattice):
-        return lattice.unpack(grid, raw, shape)
-    codes, scale, offset = parse_blocks(grid, raw)
-    return dequant(grid, codes, scale, offset).reshape(shape)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # round-to-nearest baseline
 
 
-def quantize_rtn(
-    grid: Grid | lattice.Lattice, W: Tensor, importance: Tensor | None = None, chunk: int = 1 << 18
-) -> tuple[Tensor, Tensor]:
-    """Round-to-nearest quantization of W[out, in] (flattened layout): (exact float32 values, ggml bytes).
-
-    importance[in] (or [out, in]) weights each squared error; `chunk` (weights per step) trades memory for speed.
-    """
-    if isinstance(grid, lattice.Lattice):
-        return lattice.quantize_rtn(grid, W, importance)
-    reason = fits(grid, W.shape, per_row=False)
+def _quantize_rtn(grid: Grid, W: Tensor, importance: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+    """Grid.quantize_rtn: round-to-nearest quantization of W[out, in] (flattened layout)."""
+    reason = grid.fits(W.shape, per_row=False)
     if reason is not None:
         raise ValueError(f"{grid.name}: {reason}")
     out, in_ = W.shape

@@ -16,9 +16,9 @@ the target is first rounded coordinate by coordinate to the grid's few levels (3
 the ``NEIGHBOURS`` codewords nearest that lattice point are scored; `search_all` scores every codeword and is the
 reference the tests hold the bounded search to.
 
-`ldlq` is QuIP#'s block LDLQ on these grids: a group of ``group`` columns is rounded at once (one or two codewords
-per row), and its error goes forward through the block of chol(H⁻¹), E = Δ·U_GG⁻¹, W_rest -= E·U_G,rest. iq4_nl and
-iq4_xs have scalar levels and use scalar LDLQ (group 1).
+The i-quants are filled by QuIP#'s block LDLQ (decompose.block_ldlq, from the parts here): a group of ``group``
+columns is rounded at once (one or two codewords per row), and its error goes forward through the block of
+chol(H⁻¹), E = Δ·U_GG⁻¹, W_rest -= E·U_G,rest. iq4_nl and iq4_xs have scalar levels and take group 1.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import gguf
 import gguf.quants as gq
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lrdeploy.compressor import fp16
+from lrdeploy.compressor.format import Format
 
 NEIGHBOURS = 32  # codewords scored per target: the nearest to its per-coordinate rounding
 _CHUNK = 1 << 15  # codewords searched per step of the whole-matrix passes (bounds memory at ~32 MB)
@@ -41,27 +43,10 @@ _SCORE_ROWS = 2048  # targets scored per step of a codebook search: 2 MB per [ro
 _FIT_STEPS = (0.8, 0.9, 1.0, 1.1, 1.25)  # the largest weight of a sub-block is tried at these fractions of the top
 
 
-class Sizes:
-    """What a block format's sizes imply (for dataclasses with block, super_block and type_size fields)."""
-
-    block: int
-    super_block: int
-    type_size: int
-
-    @property
-    def bpw(self) -> float:
-        """Bits per weight including all scales, as the file size will show."""
-        return 8.0 * self.type_size / self.super_block
-
-    @property
-    def has_super(self) -> bool:
-        """Whether an fp16 d is shared over a 256-weight super-block (K-quants, i-quants but iq4_nl)."""
-        return self.super_block != self.block
-
-
 @dataclass(frozen=True)
-class Lattice(Sizes):
-    """One i-quant format: sizes as ggml declares them, and how a sub-block's scale and values are formed."""
+class Lattice(Format):
+    """One i-quant format: sizes as ggml declares them, and how a sub-block's scale and values are formed. The
+    family's per-format parts are its rows in LATTICES and _LAYOUT (packer and parser) and its gguf-py table."""
 
     name: str
     block: int  # weights sharing one sub-scale
@@ -75,6 +60,31 @@ class Lattice(Sizes):
     c0: float  # sub-scale a = d * (c0 + c1 * s)
     c1: float
     table: str  # the gguf.quants class whose grid (or kvalues) this uses
+
+    block_ldlq: ClassVar[bool] = True
+
+    @property
+    def scale_fields(self) -> tuple[int, ...]:
+        return (0,)  # every i-quant block opens with its fp16 d
+
+    @property
+    def nbits(self) -> None:
+        return None
+
+    def fits(self, shape: tuple[int, ...] | torch.Size, per_row: bool = True) -> str | None:
+        """i-quant blocks never span rows (ggml's row layout only), whatever PER_ROW asks."""
+        if len(shape) != 2:
+            return f"expected a 2-D weight, got shape {tuple(shape)}"
+        if int(shape[1]) % self.super_block:
+            return f"row length {int(shape[1])} is not a multiple of {self.super_block}"
+        return None
+
+    def quantize_rtn(self, W: Tensor, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """No error feedback; IMPORTANCE is per input column ([in])."""
+        return _quantize_rtn(self, W, importance)
+
+    def unpack(self, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        return values(self, parse(self, raw, shape))
 
     @property
     def group(self) -> int:
@@ -122,15 +132,6 @@ def _book(name: str) -> _Book:
     dist = torch.cdist(pts, C)
     near = dist.topk(min(NEIGHBOURS, C.shape[0]), largest=False).indices
     return _Book(C, levels, near)
-
-
-def fits(grid: Lattice, shape: tuple[int, ...] | torch.Size) -> str | None:
-    """None if a matrix of `shape` can use `grid`: i-quant blocks never span rows (ggml's row layout only)."""
-    if len(shape) != 2:
-        return f"expected a 2-D weight, got shape {tuple(shape)}"
-    if int(shape[1]) % grid.super_block:
-        return f"row length {int(shape[1])} is not a multiple of {grid.super_block}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,7 +371,7 @@ def choose_scale(grid: Lattice, w: Tensor, d: Tensor, s: Tensor, x: Tensor | Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# whole matrices: the state that packs, round to nearest, block LDLQ
+# whole matrices: the state that packs and block LDLQ fills, round to nearest
 
 
 @dataclass
@@ -400,15 +401,15 @@ class Codes:
         self.neg[:, j : j + g] = r.neg
 
 
-def _check(grid: Lattice, W: Tensor) -> None:
-    reason = fits(grid, W.shape)
+def check(grid: Lattice, W: Tensor) -> None:
+    reason = grid.fits(W.shape)
     if reason is not None:
         raise ValueError(f"{grid.name}: {reason}")
 
 
-def quantize_rtn(grid: Lattice, W: Tensor, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Round to nearest (no error feedback), importance[in] weighting each squared error: (values, ggml bytes)."""
-    _check(grid, W)
+def _quantize_rtn(grid: Lattice, W: Tensor, importance: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Lattice.quantize_rtn: round to nearest, importance[in] weighting each squared error: (values, ggml bytes)."""
+    check(grid, W)
     W = W.detach().to(torch.float32)
     out, n = W.shape
     imp = None if importance is None else importance.detach().to(torch.float32)
@@ -432,50 +433,6 @@ def quantize_rtn(grid: Lattice, W: Tensor, importance: Tensor | None = None) -> 
         codes.neg[r0:r1] = r.neg.reshape(r1 - r0, -1)
         values[r0:r1] = (a.unsqueeze(-1) * r.q).reshape(r1 - r0, n)
     return values, pack(grid, codes)
-
-
-def ldlq(W: Tensor, H: Tensor, U: Tensor, grid: Lattice, lazy: int = 128) -> tuple[Tensor, Tensor]:
-    """Block LDLQ: round `group` columns at a time and feed their error forward through chol(H⁻¹) = U.
-
-    For a group G with error Δ (the current weights minus their rounding), the weights after it are corrected by
-    E·U[G, after] with E = Δ·U[G, G]⁻¹, the optimal compensation for the group's error under H (GPTQ's update with
-    a block of columns in place of one). Codewords are searched with per-weight importance diag(U[G,G]ᵀU[G,G])⁻¹,
-    the diagonal of the metric that error is scored in. Sub-scales are chosen as each sub-block is reached, from
-    the error-updated weights weighted by diag(H); d from the weights before rounding. Returns (values, bytes).
-    """
-    _check(grid, W)
-    W = W.to(torch.float32).clone()
-    out, n = W.shape
-    G, B = grid.group, grid.block
-    lazy = max(B, lazy - lazy % B)
-    diag = torch.diagonal(H).to(torch.float32)
-    sc = fit_scales(grid, W, diag)
-    codes = Codes.empty(grid, out, n, sc.d)
-    Q = torch.empty_like(W)
-    Ub = U.unfold(0, G, G).unfold(1, G, G).diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [n/G, G, G] diagonal blocks
-    Ub_inv = torch.linalg.solve_triangular(Ub, torch.eye(G).expand_as(Ub), upper=True)
-    metric = torch.diagonal(Ub_inv @ Ub_inv.transpose(1, 2), dim1=1, dim2=2)  # diag((U_GGᵀ U_GG)⁻¹)
-    a = torch.empty(0)
-    for i1 in range(0, n, lazy):
-        i2 = min(i1 + lazy, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for g in range(0, i2 - i1, G):
-            j = i1 + g
-            if j % B == 0:
-                a, s = choose_scale(grid, W1[:, g : g + B], sc.d[:, j // grid.super_block],
-                                    sc.s[:, j // B], diag[j : j + B])
-                codes.put_scale(grid, j, a, s)
-            r = round_group(grid, W1[:, g : g + G], a, metric[j // G])
-            codes.put(grid, j, r)
-            q = a.unsqueeze(-1) * r.q
-            Q[:, j : j + G] = q
-            E = (W1[:, g : g + G] - q) @ Ub_inv[j // G]
-            W1[:, g + G :] -= E @ U1[g : g + G, g + G :]
-            E1[:, g : g + G] = E
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q, pack(grid, codes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -652,7 +609,3 @@ def parse(grid: Lattice, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Co
     neg = _bytes_to_bits(signs.to(torch.int64)) if grid.signs != "none" else torch.zeros(out, n, dtype=torch.bool)
     return Codes(d.reshape(out, -1), s.to(torch.int32).reshape(out, -1), idx.to(torch.int64).reshape(out, -1),
                  neg.reshape(out, n))
-
-
-def unpack(grid: Lattice, raw: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    return values(grid, parse(grid, raw, shape))

@@ -91,7 +91,7 @@ def sensitivity(model: nn.Module, arch: Arch, formats: dict[str, str], x: torch.
                     W = module.weight.detach().float()
                     errors, base = {}, None
                     for fmt in ladder:
-                        values, _ = grids.quantize_rtn(grids.get_grid(fmt), W, torch.diagonal(H))
+                        values, _ = grids.get_grid(fmt).quantize_rtn(W, torch.diagonal(H))
                         errors[fmt] = dec.h_error(values - W, H)
                         if base is None:
                             base = values

@@ -255,13 +255,13 @@ def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int
             if pattern in name:
                 q_format = fmt
     if q_format is not None:
-        reason = grids.fits(grids.get_grid(q_format), shape, per_row=per_row)
+        reason = grids.get_grid(q_format).fits(shape, per_row=per_row)
         if reason is not None and not o.allow_fallback:
             raise LrdError(f"{name} {out}x{in_}: {reason} ({o.target}), and --no-fallback forbids falling back; "
                            "pick a format whose blocks fit, or --target onnx|any")
         if reason is not None:
             for alt in fallbacks(o):
-                if grids.fits(grids.get_grid(alt), shape, per_row=per_row) is None:
+                if grids.get_grid(alt).fits(shape, per_row=per_row) is None:
                     fallback = f"{reason} ({o.target}): {q_format} -> {alt}"
                     q_format = alt
                     break
@@ -269,7 +269,7 @@ def plan_linear(name: str, shape: tuple[int, int], o: CompressOptions, rank: int
                 raise LrdError(f"{name} {out}x{in_}: {reason}, and no fallback format fits")
     if rank and o.lr_format != "f16":
         for side, shp in (("R", (rank, in_)), ("L", (out, rank))):
-            reason = grids.fits(grids.get_grid(o.lr_format), shp, per_row=per_row)
+            reason = grids.get_grid(o.lr_format).fits(shp, per_row=per_row)
             if reason is not None:
                 raise LrdError(f"{name}: {side} in {o.lr_format}: {reason}")
     return LinearPlan(q_format, rank, o.lr_format, fallback)

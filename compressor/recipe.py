@@ -41,9 +41,9 @@ MIXES: dict[str, Mix] = {
     "q3": Mix("q3_k", "q4_k", _SMALL_UP),
 }
 PRESETS = ("auto", *MIXES)
-# at 4 bits and up the source's own vocabulary blocks are kept; the i-quants take the mix of their bit width
-_BY_BACKBONE = {"q2_k": "q2", "iq2_xxs": "q2", "iq2_xs": "q2", "iq2_s": "q2",
-                "q3_k": "q3", "iq3_xxs": "q3", "iq3_s": "q3"}
+# a backbone below 3 bpw takes the q2 mix, one below 4 the q3 mix (K-quant or i-quant alike, by its own bpw); at 4
+# bits and up the source's own vocabulary blocks are kept
+_TIERS = ((3.0, "q2"), (4.0, "q3"))
 SUPER_BLOCK = 256
 
 
@@ -57,8 +57,15 @@ def resolve(preset: str, q_format: str | None, hidden: int) -> tuple[str, Mix]:
     check(preset)
     if preset != "auto":
         return preset, MIXES[preset]
-    name = _BY_BACKBONE.get(q_format or "") if hidden % SUPER_BLOCK == 0 else None
+    name = _tier(q_format) if hidden % SUPER_BLOCK == 0 else None
     return (name, MIXES[name]) if name else (SOURCE, SOURCE_MIX)
+
+
+def _tier(q_format: str | None) -> str | None:
+    from lrdeploy.compressor.grids import GRIDS
+
+    grid = GRIDS.get(q_format or "")
+    return None if grid is None else next((name for below, name in _TIERS if grid.bpw < below), None)
 
 
 def apply(o, hidden: int):

@@ -153,7 +153,7 @@ def row_fit_problem(name: str, entry: dict) -> str | None:
     for part, fmt, shape in parts:
         if fmt not in grids.GRIDS:
             return f"{name}: unknown {part} format '{fmt}'"
-        reason = grids.fits(grids.get_grid(fmt), shape, per_row=True)
+        reason = grids.get_grid(fmt).fits(shape, per_row=True)
         if reason is not None:
             return f"{name}: {part} in {fmt}: {reason}"
     return None
@@ -261,10 +261,10 @@ def llama3_rope_factors(head_dim: int, params: dict) -> np.ndarray:
 def requantize(W: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """W rounded to FMT's grid (per-row layout): (values, raw bytes)."""
     grid = grids.get_grid(fmt)
-    reason = grids.fits(grid, W.shape, per_row=True)
+    reason = grid.fits(W.shape, per_row=True)
     if reason is not None:
         raise LrdError(f"cannot requantize a {W.shape[0]}x{W.shape[1]} weight to {fmt}: {reason}")
-    return grids.quantize_rtn(grid, W)
+    return grid.quantize_rtn(W)
 
 
 def tensors_bpw(tensors: list[TensorOut]) -> float | None:

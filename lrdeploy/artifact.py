@@ -176,7 +176,7 @@ def dequantize_blocks(fmt: str, raw: torch.Tensor, shape: tuple[int, ...]) -> to
     from lrdeploy.compressor import grids
 
     if fmt in grids.GRIDS:
-        return grids.unpack(grids.get_grid(fmt), raw, shape)
+        return grids.get_grid(fmt).unpack(raw, shape)
     data = gguf.quants.dequantize(raw.cpu().numpy().reshape(shape[0], -1), gguf.GGMLQuantizationType[fmt.upper()])
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape)).to(raw.device)
 
@@ -260,7 +260,7 @@ class ArtifactTensors:
             t = self.raw(name)
             if fmt in (None, "f16", "f32"):
                 return t.float().reshape(shape)
-            return grids.unpack(grids.get_grid(fmt), t, shape)
+            return grids.get_grid(fmt).unpack(t, shape)
         t = self.raw(name)
         return t.float() if t.is_floating_point() else t
 

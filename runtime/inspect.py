@@ -10,6 +10,7 @@ scales and zero points) add bytes but no weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -175,9 +176,18 @@ def onnx_tensors(path: Path, verify: bool = False) -> list[dict]:
     return rows
 
 
-# fp16 fields (byte offsets in a block) that hold a ggml block's scales: d, and dmin or m where there is one
-GGUF_SCALES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-               "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+# fp16 fields (byte offsets in a block) that hold a ggml block's scales, d and dmin or m where there is one, for the
+# types lrdeploy does not write (a source's or a peer's file); each of its own formats says where its own are
+OTHER_SCALES = {"Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@functools.cache
+def gguf_scales() -> dict[str, tuple[int, ...]]:
+    from lrdeploy.compressor.grids import GRIDS
+
+    return {**OTHER_SCALES, **{g.ggml_type.name: g.scale_fields for g in GRIDS.values()}}
+
+
 GGUF_FLOATS = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 CHUNK = 1 << 26  # bytes per numpy pass
 
@@ -192,10 +202,11 @@ def _nonfinite(raw, type_name: str, type_size: int) -> int | None:
         if type_name == "BF16":  # exponent all ones
             return int(np.count_nonzero((values & 0x7F80) == 0x7F80))
         return int(values.size - np.count_nonzero(np.isfinite(values)))
-    if type_name in GGUF_SCALES:
+    scales = gguf_scales()
+    if type_name in scales:
         blocks = raw.reshape(-1, type_size)
         return sum(int(blocks.shape[0] - np.count_nonzero(np.isfinite(
-            np.ascontiguousarray(blocks[:, off:off + 2]).view("<f2")))) for off in GGUF_SCALES[type_name])
+            np.ascontiguousarray(blocks[:, off:off + 2]).view("<f2")))) for off in scales[type_name])
     return None
 
 
@@ -241,7 +252,7 @@ def verify_gguf(path: Path) -> str:
             raise LrdError(f"GGUF {path}: tensor {name} ({type_name.lower()}) has {bad} NaN/Inf {where} (corrupt)")
         if type_name in GGUF_FLOATS:
             floats += 1
-        elif type_name in GGUF_SCALES:
+        elif type_name in gguf_scales():
             scaled += 1
         elif size:
             unchecked.add(type_name.lower())

@@ -248,7 +248,7 @@ def test_gguf_target_falls_back_per_tensor():
     assert plan_linear("x", (1536, 576), o_onnx).q_format == "q4_0"
     with pytest.raises(LrdError, match="unknown --fallback 'q5_0'; choose one of auto, iq4_nl, q4_0, q8_0"):
         CompressOptions(fallback="q5_0").resolved()
-    assert grids.fits(grids.get_grid("q2_k"), (1536, 576), per_row=False) is None
+    assert grids.get_grid("q2_k").fits((1536, 576), per_row=False) is None
 
 
 def test_teacher_inputs_give_their_own_h(tiny_llama, calib_text, tmp_path):

@@ -36,7 +36,7 @@ def test_ldlq_values_are_its_bytes(fmt):
     W = torch.randn(32, 512) * 0.05
     grid = grids.get_grid(fmt)
     q = dec.ldlq(W, dec.hessian_factor(correlated_h(512, 3)), grid)
-    assert torch.equal(grids.unpack(grid, q.raw, W.shape), q.values)
+    assert torch.equal(grid.unpack(q.raw, W.shape), q.values)
 
 
 def test_ldlq_flattened_layout_rows_not_multiple_of_256():
@@ -45,7 +45,7 @@ def test_ldlq_flattened_layout_rows_not_multiple_of_256():
     H = correlated_h(576, 4)
     grid = grids.get_grid("q2_k")
     q = dec.ldlq(W, dec.hessian_factor(H), grid)
-    assert torch.equal(grids.unpack(grid, q.raw, W.shape), q.values)
+    assert torch.equal(grid.unpack(q.raw, W.shape), q.values)
     assert dec.rel_error(q.values, W, H) < dec.rel_error(dec.rtn(W, grid, torch.diagonal(H)).values, W, H)
 
 
@@ -101,8 +101,8 @@ def test_lplr_quantized_factors_decode_from_their_bytes():
     fac = dec.hessian_factor(correlated_h(256, 12))
     lr = dec.lplr(A, fac, 32, "q8_0", iters=2)
     grid = grids.get_grid("q8_0")
-    assert torch.equal(grids.unpack(grid, lr.L.raw, (96, 32)), lr.L.values)
-    assert torch.equal(grids.unpack(grid, lr.R.raw, (32, 256)), lr.R.values)
+    assert torch.equal(grid.unpack(lr.L.raw, (96, 32)), lr.L.values)
+    assert torch.equal(grid.unpack(lr.R.raw, (32, 256)), lr.R.values)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.05])

@@ -47,7 +47,10 @@ from lrdeploy.runtime.llamacpp import amx_in_build, open_llamacpp, plain_cpu_buf
 # K-quants, and llama.cpp's i-quants (codebook grids at 2 and 3 bits, iq4_nl's non-uniform levels)
 COMBOS = [("q2_k", "f16"), ("q3_k", "q8_0"), ("q4_k", "q8_0"), ("iq2_xs", "q8_0"), ("iq3_xxs", "f16"),
           ("iq4_nl", "q4_0")]
-RMS_TOL, MAX_TOL, ARGMAX_MIN = 0.03, 0.20, 0.95
+# Random models have near-uniform logits, so the top two often lie within the kernels' rounding of each other: an
+# argmax may flip only where the reference's top-1 margin is under CLEAR (in units of its logits' std; every flip
+# measured on an AVX-512 build had a margin under 0.035), and at most 1 - ARGMAX_MIN of positions may flip.
+RMS_TOL, MAX_TOL, ARGMAX_MIN, CLEAR = 0.03, 0.20, 0.9, 0.1
 GGUF_LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
@@ -72,8 +75,11 @@ def deviation(got: torch.Tensor, ref: torch.Tensor) -> dict:
     """Deviation of logits relative to the reference's spread (random models: near-uniform logits)."""
     d = (got - ref).abs()
     std = float(ref.std())
+    agree = got.argmax(-1) == ref.argmax(-1)
+    top2 = ref.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > CLEAR * std
     return {"rms": float(d.pow(2).mean().sqrt()) / std, "max": float(d.max()) / std,
-            "argmax": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+            "argmax": float(agree.float().mean()), "clear_flips": int((clear & ~agree).sum())}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def test_base_plus_adapter_logits_match_torch(tiny_export, windows, monkeypatch,
         ref = torch_logits(model, w)
         dev = deviation(llama.logits(w), ref)
         assert dev["rms"] <= RMS_TOL and dev["rms"] <= 1.5 * expected + 0.002, (dev, expected)
-        assert dev["max"] <= MAX_TOL and dev["argmax"] >= ARGMAX_MIN, dev
+        assert dev["max"] <= MAX_TOL and dev["argmax"] >= ARGMAX_MIN and dev["clear_flips"] == 0, dev
         control = deviation(base_only.logits(w), ref)
         assert control["rms"] > 3 * dev["rms"], (control, dev)  # the tolerance would catch a missing adapter
     p_torch = perplexity(lambda ids: torch_logits(model, ids), windows)
@@ -302,7 +308,7 @@ def test_qwen2_biases_are_carried(tmp_path, calib_text, windows):
     model, _ = load_artifact(art)
     llama = open_llamacpp(tmp_path / "gguf", None, 128, "cpu")
     dev = deviation(llama.logits(windows[0]), torch_logits(model, windows[0]))
-    assert dev["rms"] <= RMS_TOL and dev["argmax"] >= ARGMAX_MIN, dev
+    assert dev["rms"] <= RMS_TOL and dev["argmax"] >= ARGMAX_MIN and dev["clear_flips"] == 0, dev
     llama.close()
     f32 = export_gguf(str(src), tmp_path / "f32", dtype="f32")
     assert f32["architecture"] == "qwen2"

@@ -90,9 +90,9 @@ def test_matmulnbits_reproduces_q(fmt, zero_points, tmp_path):
     grid = grids.get_grid(fmt)
     n, k = 48, 576  # 576 % 256 != 0: K-quant super-blocks straddle rows (the flattened layout of --target any)
     torch.manual_seed(0)
-    _, raw = grids.quantize_rtn(grid, torch.randn(n, k) * 0.02)
+    _, raw = grid.quantize_rtn(torch.randn(n, k) * 0.02)
     raw = _zero_scale_block(fmt, raw)
-    Q = grids.unpack(grid, raw, (n, k)).numpy()
+    Q = grid.unpack(raw, (n, k)).numpy()
     w = nbits_from_ggml(fmt, raw, (n, k), zero_points)
     run = _linear_session(w, tmp_path)
     got = run(np.eye(k, dtype=np.float32)).T
@@ -120,8 +120,8 @@ def test_matmulnbits_reproduces_iquants(fmt, zero_points, tmp_path):
     with zero point 128 runs exactly ggml's values."""
     grid = grids.get_grid(fmt)
     n, k = 48, 512
-    _, raw = grids.quantize_rtn(grid, torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02)
-    Q = grids.unpack(grid, raw, (n, k)).numpy()
+    _, raw = grid.quantize_rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02)
+    Q = grid.unpack(raw, (n, k)).numpy()
     w = nbits_from_ggml(fmt, raw, (n, k), zero_points)
     assert (w.bits, w.block_size, w.offsets) == (8, grid.block, None)
     got = _linear_session(w, tmp_path)(np.eye(k, dtype=np.float32)).T

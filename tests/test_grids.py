@@ -41,7 +41,7 @@ def _assert_exact(grid: grids.Grid, values: torch.Tensor, raw: torch.Tensor) -> 
     assert raw.numel() == n_super * grid.type_size
     ref = gguf.quants.dequantize(raw.numpy(), grid.ggml_type).reshape(shape)
     np.testing.assert_array_equal(_bits(ref), _bits(values))
-    np.testing.assert_array_equal(_bits(grids.unpack(grid, raw, shape)), _bits(values))
+    np.testing.assert_array_equal(_bits(grid.unpack(raw, shape)), _bits(values))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +53,7 @@ def test_rtn_bit_exact_against_gguf(name: str) -> None:
     grid = grids.get_grid(name)
     for i, shape in enumerate(SHAPES[name]):
         W = _gauss(shape, seed=i) * 0.02
-        values, raw = grids.quantize_rtn(grid, W)
+        values, raw = grid.quantize_rtn(W)
         assert values.dtype == torch.float32 and values.shape == W.shape
         _assert_exact(grid, values, raw)
 
@@ -72,7 +72,7 @@ def test_table(name: str) -> None:
 def test_quality(name: str) -> None:
     grid = grids.get_grid(name)
     W = _gauss((16, 1024))  # small tensors keep torch's CPU ops single-threaded and fast
-    values, _ = grids.quantize_rtn(grid, W)
+    values, _ = grid.quantize_rtn(W)
     assert _rel(values, W) < REL_BOUND[name]
 
 
@@ -81,7 +81,7 @@ def test_not_worse_than_gguf_reference(name: str) -> None:
     grid = grids.get_grid(name)
     for seed in range(3):
         W = _gauss((32, 512), seed) * (seed + 1)
-        values, _ = grids.quantize_rtn(grid, W)
+        values, _ = grid.quantize_rtn(W)
         ref = gguf.quants.dequantize(gguf.quants.quantize(W.numpy(), grid.ggml_type), grid.ggml_type)
         ours = float(((values - W) ** 2).sum())
         theirs = float(((torch.from_numpy(ref) - W) ** 2).sum())
@@ -95,8 +95,8 @@ def test_importance_lowers_weighted_column_error(name: str) -> None:
     col = 37
     importance = torch.ones(256)
     importance[col] = 1000.0
-    plain, _ = grids.quantize_rtn(grid, W)
-    weighted, raw = grids.quantize_rtn(grid, W, importance)
+    plain, _ = grid.quantize_rtn(W)
+    weighted, raw = grid.quantize_rtn(W, importance)
     _assert_exact(grid, weighted, raw)
     err_plain = float(((plain - W)[:, col] ** 2).sum())
     err_weighted = float(((weighted - W)[:, col] ** 2).sum())
@@ -105,15 +105,15 @@ def test_importance_lowers_weighted_column_error(name: str) -> None:
 
 def test_fits() -> None:
     q2 = grids.get_grid("q2_k")
-    reason = grids.fits(q2, (4, 576), per_row=True)
+    reason = q2.fits((4, 576), per_row=True)
     assert reason is not None and "576" in reason and "256" in reason
-    assert grids.fits(q2, (4, 576), per_row=False) is None
-    assert grids.fits(q2, (8, 512), per_row=True) is None
-    assert grids.fits(q2, (3, 40), per_row=False) is not None  # 40 % 16 != 0
-    assert grids.fits(q2, (1, 48), per_row=False) is not None  # 48 weights: no whole super-block
-    assert grids.fits(grids.get_grid("q4_0"), (3, 96), per_row=True) is None
+    assert q2.fits((4, 576), per_row=False) is None
+    assert q2.fits((8, 512), per_row=True) is None
+    assert q2.fits((3, 40), per_row=False) is not None  # 40 % 16 != 0
+    assert q2.fits((1, 48), per_row=False) is not None  # 48 weights: no whole super-block
+    assert grids.get_grid("q4_0").fits((3, 96), per_row=True) is None
     with pytest.raises(ValueError, match="576"):
-        grids.quantize_rtn(q2, torch.zeros(1, 576))
+        q2.quantize_rtn(torch.zeros(1, 576))
 
 
 def test_get_grid_unknown() -> None:
@@ -129,7 +129,7 @@ def test_degenerate_blocks(name: str) -> None:
     grid = grids.get_grid(name)
     in_ = 512
     for W in (torch.zeros(2, in_), torch.full((2, in_), 0.3), torch.full((2, in_), -0.7)):
-        values, raw = grids.quantize_rtn(grid, W)
+        values, raw = grid.quantize_rtn(W)
         assert torch.isfinite(values).all()
         _assert_exact(grid, values, raw)
         assert _rel(values, W) < 0.05 if W.abs().sum() > 0 else values.abs().sum() == 0
@@ -138,7 +138,7 @@ def test_degenerate_blocks(name: str) -> None:
     W[0] = 0.0
     W[1, :256] = 1.5
     W[2, 256:] = -2.0
-    values, raw = grids.quantize_rtn(grid, W)
+    values, raw = grid.quantize_rtn(W)
     assert torch.isfinite(values).all()
     _assert_exact(grid, values, raw)
 

@@ -40,10 +40,10 @@ def test_rtn_bytes_decode_to_its_values(fmt):
     grid = grids.get_grid(fmt)
     W = hard_matrix(0)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) + 0.1
-    values, raw = grids.quantize_rtn(grid, W, imp)
+    values, raw = grid.quantize_rtn(W, imp)
     assert raw.dtype == torch.uint8 and raw.numel() == W.numel() // grid.super_block * grid.type_size
     assert np.array_equal(gguf_values(grid, raw, W.shape), values.numpy())
-    assert torch.equal(grids.unpack(grid, raw, W.shape), values)
+    assert torch.equal(grid.unpack(raw, W.shape), values)
     assert torch.equal(values[3], torch.zeros(512)) and torch.equal(values[9, :256], torch.zeros(256))
     assert float(values[7, 100]) > 20.0  # the outlier keeps its size: d is fitted per super-block
 

@@ -150,7 +150,7 @@ def measure(key: str, tokens: int, runs: int) -> dict:
     fac_h, fac_f = dec.hessian_factor(H_h), dec.hessian_factor(H_f)
     for fmt in ("q2_k", "iq2_xs"):
         grid = grids.get_grid(fmt)
-        search = 4 * lattice.NEIGHBOURS if isinstance(grid, lattice.Lattice) else 0  # scored codewords per weight
+        search = 4 * lattice.NEIGHBOURS if grid.block_ldlq else 0  # scored codewords per weight
         for name, W, fac in (("gate_proj", gate, fac_h), ("down_proj", down, fac_f)):
             out, n = W.shape
             t = timed(lambda W=W, fac=fac, grid=grid: dec.ldlq(W, fac, grid), runs)

@@ -24,16 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lrdeploy.compressor import grids, lattice
 from lrdeploy.errors import LrdError
 
 ZERO_POINTS = ("auto", "uint8", "float")
-# ggml format -> (MatMulNBits bits, code shift added to ggml's code, affine); q2_k is 2 bits only with float zps
+# ggml format -> (MatMulNBits bits, code shift added to ggml's code, affine), as each format declares it; with float
+# zero points an affine format's codes go unshifted in the fewest bits that hold them (q2_k: 2)
 NBITS_FORMATS: dict[str, tuple[int, int, bool]] = {
-    "q2_k": (4, 8, True),
-    "q3_k": (4, 4, False),
-    "q4_k": (4, 0, True),
-    "q4_0": (4, 0, False),
-    "q8_0": (8, 1, False),
+    name: grid.nbits for name, grid in grids.GRIDS.items() if grid.nbits is not None
 }
 
 
@@ -104,21 +102,19 @@ def nbits_from_ggml(q_format: str, raw: torch.Tensor | np.ndarray, shape: tuple[
       "float": float zero points (bits ≤ 4; q2_k as bits 2), zp = offset/scale for the affine formats: the most
         compact, but onnxruntime's CPU kernel then dequantizes the whole weight on every call.
     """
-    from lrdeploy.compressor import grids, lattice
-
-    if q_format in lattice.LATTICES:
-        return _nbits_from_lattice(grids.get_grid(q_format), raw, shape, zero_points)
-    if q_format not in NBITS_FORMATS:
+    grid = grids.GRIDS.get(q_format)
+    if grid is None:
         raise LrdError(f"q_format {q_format} has no MatMulNBits mapping; choose one of {', '.join(NBITS_FORMATS)}")
+    if grid.nbits is None:
+        return _nbits_from_lattice(grid, raw, shape, zero_points)
     if zero_points not in ZERO_POINTS:
         raise LrdError(f"unknown zero_points '{zero_points}'; choose one of {', '.join(ZERO_POINTS)}")
-    grid = grids.get_grid(q_format)
     n, k = shape
     if k % grid.block:
         raise LrdError(f"{q_format}: row length {k} is not a multiple of its {grid.block}-weight blocks")
-    bits, shift, affine = NBITS_FORMATS[q_format]
-    if q_format == "q2_k" and zero_points == "float":
-        bits, shift = 2, 0
+    bits, shift, affine = grid.nbits
+    if affine and zero_points == "float":
+        bits, shift = next(b for b in (2, 4, 8) if grid.qmax < 1 << b), 0
     raw_t = torch.as_tensor(np.asarray(raw)).to(torch.uint8).reshape(-1)
     # every sub-block lies inside one row (k % block == 0), so flat block i is row i // kb, column block i % kb
     codes_t, scale_t, offset_t = grids.parse_blocks(grid, raw_t)  # the one decoder of ggml blocks
@@ -157,8 +153,6 @@ def _nbits_from_lattice(grid, raw: torch.Tensor | np.ndarray, shape: tuple[int, 
     default 8-bit zero point 128 gives (code − 128)·scale, ggml's own product. Lossless and prepacked, but 8 bits
     per weight in the ONNX file: no MatMulNBits kernel reads a codebook.
     """
-    from lrdeploy.compressor import lattice
-
     n, k = shape
     raw_t = torch.as_tensor(np.asarray(raw)).to(torch.uint8).reshape(-1)
     q, scale = lattice.levels(grid, lattice.parse(grid, raw_t, shape))
@@ -207,9 +201,7 @@ def nbits_from_blocks(q_format: str, raw: torch.Tensor | np.ndarray, shape: tupl
     scale d and offset −m; q6_k becomes 8-bit codes q − 32 + 128 per 16-weight block with scale fl(d·sc), which is
     ggml's own product. Other types (q5_0, q5_k, ...) return None: the caller keeps the tensor in floats.
     """
-    from lrdeploy.compressor import grids, lattice
-
-    if q_format in grids.GRIDS or q_format in lattice.LATTICES:
+    if q_format in grids.GRIDS:
         return nbits_from_ggml(q_format, raw, shape)
     if q_format not in SOURCE_BLOCKS:
         return None
